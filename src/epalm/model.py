@@ -1,0 +1,341 @@
+"""EPALM: a frozen encoder + a frozen Hugging Face causal LM + a few trainable connectors.
+
+    tokens  = encoder(media)                     (B, k, d_enc)   frozen, no grad
+    visual  = connector(tokens)                  (B, k, d)       trainable
+    prompt  = soft_prompt(B)                     (B, P, d)       trainable (variants with a prompt)
+    logits  = lm([slot | prompt | text])         injection hooks write visual[k(i)] at layer i
+
+Only trainable weights are saved (safetensors) with a JSON config that names the encoder and
+the LM, like PEFT adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import EPALMConfig
+from .connectors import Connector, DeepPrompt, LayerAdapters, SoftPrompt
+from .injection import (
+    InjectionEngine,
+    InjectionState,
+    LMAnatomy,
+    attach_adapters,
+    default_injection_range,
+    injection_schedule,
+)
+
+WEIGHTS_NAME = "epalm_weights.safetensors"
+CONFIG_NAME = "epalm_config.json"
+
+
+@dataclass
+class EPALMOutput:
+    loss: torch.Tensor | None = None  # scalar training objective
+    logits: torch.Tensor | None = None  # (B, T, V) for the text positions only
+    loss_per_sample: torch.Tensor | None = None  # (B,) summed token cross-entropy
+    num_label_tokens: torch.Tensor | None = None  # (B,)
+
+
+class EPALM(nn.Module):
+    """eP-ALM around any transformers causal LM (OPT, GPT-2, Llama, Qwen2/3, Gemma 3, SmolLM, ...).
+
+    Args:
+        lm: a ``*ForCausalLM`` loaded with ``attn_implementation`` "sdpa" or "eager".
+        encoder: an ``epalm.encoders.Encoder`` (or ``FrameWiseEncoder``); ``None`` to train from
+            cached features only (then pass ``encoder_dim``).
+        config: the variant and injection settings.
+    """
+
+    def __init__(self, lm: nn.Module, encoder: nn.Module | None, config: EPALMConfig,
+                 encoder_dim: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.lm = lm.requires_grad_(False).eval()
+        self.encoder = encoder.requires_grad_(False).eval() if encoder is not None else None
+        d_enc = encoder.hidden_size if encoder is not None else encoder_dim
+        if d_enc is None:
+            raise ValueError("pass an encoder or encoder_dim (the width of cached encoder features)")
+        if encoder is not None and not config.all_patch_tokens and encoder.num_layers < config.num_encoder_layers:
+            raise ValueError(
+                f"the encoder returns {encoder.num_layers} layers but num_encoder_layers={config.num_encoder_layers}"
+            )
+
+        anatomy = LMAnatomy.of(lm)
+        n_layers = len(anatomy.layers)
+        if config.inject == "input":
+            start, end, n_vis = 0, 1, 1
+        else:
+            d_start, d_end = default_injection_range(n_layers)
+            start = d_start if config.inject_start is None else config.inject_start
+            end = d_end if config.inject_end is None else config.inject_end
+            n_vis = config.num_encoder_layers
+        if not (0 <= start < end <= n_layers):
+            raise ValueError(
+                f"injection layers [{start}, {end}) are out of range for an LM with {n_layers} layers "
+                f"(need 0 <= inject_start < inject_end <= {n_layers})"
+            )
+        self.inject_start, self.inject_end = start, end
+        self.schedule = injection_schedule(start, end, n_vis, config.text_step)
+        self.engine = InjectionEngine(anatomy, self.schedule, start)
+        d = self.engine.anatomy.hidden_size
+
+        # ---- trainable parts
+        self.connector = Connector(d_enc, d, n_vis, shared=config.shared_connector or config.all_patch_tokens)
+        self.prompt = None
+        self.deep_prompt = None
+        if config.prompt_len and config.deep_prompt:
+            self.deep_prompt = DeepPrompt(d, list(range(n_layers)), config.prompt_len, config.prompt_mlp)
+        elif config.prompt_len:
+            self.prompt = SoftPrompt(d, config.prompt_len, config.prompt_mlp)
+        self.adapters = None
+        if config.adapters:
+            self.adapters = nn.ModuleList(LayerAdapters(d, config.adapter_reduction) for _ in range(n_layers))
+            attach_adapters(self.engine.anatomy.layers, self.adapters)
+        self.num_visual_levels = n_vis
+        pad = getattr(lm.config, "pad_token_id", None)
+        self.placeholder_id = pad if isinstance(pad, int) else 0
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: EPALMConfig, device: str | torch.device | None = None) -> "EPALM":
+        """Load the frozen encoder and LM named by ``config`` and build fresh trainable parts."""
+        from transformers import AutoModelForCausalLM
+
+        from .encoders import load_encoder
+
+        lm_kwargs = dict(config.lm_kwargs)
+        lm_kwargs.setdefault("attn_implementation", "sdpa")
+        if isinstance(lm_kwargs.get("torch_dtype"), str):
+            lm_kwargs["torch_dtype"] = getattr(torch, lm_kwargs["torch_dtype"])
+        lm = AutoModelForCausalLM.from_pretrained(config.lm, **lm_kwargs)
+        encoder = load_encoder(config.encoder, num_layers=config.num_encoder_layers, **config.encoder_kwargs)
+        model = cls(lm, encoder, config)
+        return model.to(device) if device is not None else model
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                        **config_overrides) -> "EPALM":
+        """Rebuild the encoder + LM from the saved config and load the trainable weights."""
+        path = Path(path)
+        config = EPALMConfig.load(path / CONFIG_NAME)
+        if config_overrides:
+            config = EPALMConfig.from_dict({**config.to_dict(), **config_overrides})
+        model = cls.from_config(config, device=device)
+        model.load_trainable(path / WEIGHTS_NAME)
+        return model
+
+    # ------------------------------------------------------------------ state
+    def train(self, mode: bool = True) -> "EPALM":
+        """Only the trainable parts switch mode; the frozen LM and encoder stay in eval (no dropout)."""
+        super().train(mode)
+        self.lm.eval()
+        if self.encoder is not None:
+            self.encoder.eval()
+        return self
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def parameter_report(self) -> dict[str, float]:
+        """Trainable vs total parameters (works on the meta device)."""
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"trainable": trainable, "total": total, "trainable_percent": 100.0 * trainable / max(total, 1)}
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write ``epalm_config.json`` and the trainable weights (safetensors), each atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        text = json.dumps(self.config.to_dict(), indent=2)
+        _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+
+    def load_trainable(self, source: str | os.PathLike | dict[str, torch.Tensor]) -> None:
+        """Load trainable weights; any missing, unexpected or mis-shaped tensor is an error naming it."""
+        if isinstance(source, dict):
+            tensors, where = source, "state dict"
+        else:
+            from safetensors.torch import load_file
+
+            where = str(source)
+            if not Path(source).is_file():
+                raise FileNotFoundError(f"{where}: no such checkpoint file")
+            try:
+                tensors = load_file(where)
+            except Exception as err:  # safetensors raises several types for corrupt files
+                raise ValueError(f"{where}: not a readable safetensors file ({err})") from err
+        own = dict(self.named_parameters())
+        expected = {k for k, p in own.items() if p.requires_grad}
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"{where} does not fit this model (variant {self.config.variant!r}): "
+                f"missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                f"unexpected tensors {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+            )
+        for name, tensor in tensors.items():
+            if tuple(tensor.shape) != tuple(own[name].shape):
+                raise ValueError(
+                    f"{where}: tensor {name!r} has shape {tuple(tensor.shape)} but the model expects "
+                    f"{tuple(own[name].shape)}"
+                )
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                own[name].copy_(tensor)
+
+    def load_release_checkpoint(self, path: str | os.PathLike) -> None:
+        """Load a checkpoint of the authors' release (``connector.i``, ``prompt_module.prefix_embedding.j``)."""
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        state = blob.get("model", blob) if isinstance(blob, dict) else blob
+        mapped = {}
+        for name, tensor in state.items():
+            name = name.removeprefix("module.")
+            parts = name.split(".")
+            if parts[0] == "connector":
+                mapped[f"connector.linears.{parts[1]}.{parts[2]}"] = tensor
+            elif name.startswith("prompt_module.prefix_embedding."):
+                idx, leaf = parts[2], parts[3]
+                target = {"0": "prompt.embedding", "1": "prompt.mlp.0", "3": "prompt.mlp.2"}[idx]
+                mapped[f"{target}.{leaf}"] = tensor
+        self.load_trainable(mapped)
+
+    # ------------------------------------------------------------------ forward
+    def visual_tokens(self, media: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected perceptual tokens ``(B, levels, slots, d)``.
+
+        ``features``: encoder outputs computed earlier (feature cache), ``(B, k', d_enc)`` with
+        ``k' >= levels`` (the last ``levels`` are used) or all patch tokens for MAGMA*.
+        """
+        if features is None:
+            if media is None:
+                raise ValueError("pass media (pixel_values / video / audio) or precomputed features")
+            if self.encoder is None:
+                raise ValueError("this model has no encoder (built with encoder=None): pass features=")
+            features = self.encoder(media, all_tokens=self.config.all_patch_tokens)
+        if features.ndim != 3:
+            raise ValueError(f"encoder features must be (batch, tokens, dim), got {tuple(features.shape)}")
+        features = features.to(self.connector.linears[0].weight.dtype)
+        if self.config.all_patch_tokens:
+            return self.connector(features).unsqueeze(1)  # (B, 1, N, d): one level, N slots
+        n = self.num_visual_levels
+        if features.shape[1] < n:
+            raise ValueError(f"features have {features.shape[1]} encoder layers but the model needs {n}")
+        return self.connector(features[:, -n:]).unsqueeze(2)  # (B, n, 1, d)
+
+    def injection_state(self, media=None, features=None, batch_size: int | None = None) -> InjectionState:
+        tokens = self.visual_tokens(media, features)
+        b = tokens.shape[0]
+        if batch_size is not None and batch_size != b:
+            raise ValueError(f"media batch {b} != text batch {batch_size}")
+        prompt = self.prompt(b) if self.prompt is not None else None
+        deep = self.deep_prompt(b) if self.deep_prompt is not None else {}
+        return InjectionState(tokens=tokens, prompt=prompt, deep_prompts=deep, mode=self.config.attention)
+
+    def _with_prefix(self, state: InjectionState, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        b, n = input_ids.shape[0], state.prefix_len
+        ids = torch.cat([input_ids.new_full((b, n), self.placeholder_id), input_ids], dim=1)
+        mask = torch.cat([attention_mask.new_ones((b, n)), attention_mask], dim=1)
+        return ids, mask
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm.get_output_embeddings()(hidden)
+        cap = getattr(self.engine.anatomy.lm.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+        return_logits: bool = True,
+        media: torch.Tensor | None = None,
+    ) -> EPALMOutput:
+        """Next-token loss on ``labels`` (HF convention: aligned with ``input_ids``, -100 ignored).
+
+        ``return_logits=False`` skips the LM head except where the loss needs it (training).
+        """
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        media = media if media is not None else pixel_values
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        state = self.injection_state(media, features, input_ids.shape[0])
+        ids, mask = self._with_prefix(state, input_ids, attention_mask)
+        with self.engine.active(state):
+            out = self.lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+        hidden = out.last_hidden_state[:, state.prefix_len:]  # (B, T, d)
+        result = EPALMOutput()
+        if return_logits:
+            result.logits = self.lm_logits(hidden)
+        if labels is not None:
+            target = labels[:, 1:]
+            valid = target != -100  # (B, T-1)
+            if result.logits is not None:
+                picked = result.logits[:, :-1][valid]
+            else:
+                picked = self.lm_logits(hidden[:, :-1][valid])  # head only where the loss needs it
+            ce = F.cross_entropy(picked.float(), target[valid], reduction="none")
+            rows = valid.nonzero()[:, 0]
+            per_sample = torch.zeros(ids.shape[0], device=ce.device, dtype=ce.dtype).index_add_(0, rows, ce)
+            result.loss_per_sample = per_sample
+            result.num_label_tokens = valid.sum(1)
+            if self.config.loss_reduction == "official":
+                result.loss = per_sample.sum() / ids.shape[0] * 0.1
+            else:
+                result.loss = ce.sum() / valid.sum().clamp(min=1)
+        return result
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+        media: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Open-ended answers through ``lm.generate`` (KV cache, greedy / beam / sampling).
+
+        Prompts should be left-padded. Returns only the new tokens, ``(B * num_return_sequences, new)``.
+        """
+        if input_ids is None:
+            raise ValueError("input_ids (the tokenized prompt) is required")
+        media = media if media is not None else pixel_values
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        state = self.injection_state(media, features, input_ids.shape[0])
+        ids, mask = self._with_prefix(state, input_ids, attention_mask)
+        cfg = self.lm.generation_config
+        if generate_kwargs.get("pad_token_id") is None and cfg.pad_token_id is None:
+            generate_kwargs["pad_token_id"] = cfg.eos_token_id if cfg.eos_token_id is not None else 0
+        with self.engine.active(state):
+            out = self.lm.generate(input_ids=ids, attention_mask=mask, **generate_kwargs)
+        return out[:, ids.shape[1]:]
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same folder then rename: a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
