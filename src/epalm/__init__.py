@@ -1,3 +1,8 @@
 """epalm: give a frozen causal language model perception (eP-ALM, Shukor et al., ICCV 2023)."""
 
 __version__ = "0.1.0"
+
+from .config import EPALMConfig, VARIANTS  # noqa: E402
+from .model import EPALM, EPALMOutput  # noqa: E402
+
+__all__ = ["EPALM", "EPALMConfig", "EPALMOutput", "VARIANTS"]

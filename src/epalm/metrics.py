@@ -482,6 +482,10 @@ def _meteor(gts: dict[Hashable, list[str]], res: dict[Hashable, list[str]]) -> f
     except (ValueError, OSError) as e:  # a dead JVM answers '' -> float('') ValueError
         proc.kill()
         proc.wait()
+        try:
+            proc.stdin.close()
+        except OSError:  # unflushed bytes to a dead process: BrokenPipeError
+            pass
         err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
         raise RuntimeError(
             "METEOR scorer failed (it runs `java -jar -Xmx2G meteor-1.5.jar`, which needs ~2 GB "
@@ -495,6 +499,7 @@ def _meteor(gts: dict[Hashable, list[str]], res: dict[Hashable, list[str]]) -> f
             proc.stdin.close()
             proc.kill()
             proc.wait()
+        # (Meteor.__del__ later repeats close/kill/wait, harmlessly.)
 
 
 def _spice(

@@ -11,6 +11,7 @@ the LM, like PEFT adapters.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
@@ -324,6 +325,14 @@ class EPALM(nn.Module):
         cfg = self.lm.generation_config
         if generate_kwargs.get("pad_token_id") is None and cfg.pad_token_id is None:
             generate_kwargs["pad_token_id"] = cfg.eos_token_id if cfg.eos_token_id is not None else 0
+        anatomy = self.engine.anatomy
+        if anatomy.sliding_window and anatomy.layer_types and generate_kwargs.get("use_cache", True):
+            # A sliding-window cache drops old keys, but our masks span the whole sequence:
+            # give generate a full cache; the masks apply the window themselves.
+            from transformers import DynamicCache
+
+            key = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
+            generate_kwargs.setdefault(key, DynamicCache())
         with self.engine.active(state):
             out = self.lm.generate(input_ids=ids, attention_mask=mask, **generate_kwargs)
         return out[:, ids.shape[1]:]

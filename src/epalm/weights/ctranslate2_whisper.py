@@ -255,6 +255,9 @@ def whisper_config_from_ct2(model: CT2Model, *, token_ids: dict[str, int] | None
         bos_token_id=ids["eot"],
         eos_token_id=ids["eot"],
         decoder_start_token_id=ids["sot"],
+        # suppression lists live in the GenerationConfig (see build_generation_config)
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
     )
     kwargs.update(overrides)
     return WhisperConfig(**kwargs)
