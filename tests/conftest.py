@@ -18,6 +18,7 @@ from transformers import (
 from epalm.encoders import wrap_hf_encoder
 
 VOCAB = 97
+torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and CI has 2 cores)
 
 
 def tiny_lm(family: str, num_layers: int = 4, seed: int = 0, attn: str = "sdpa"):

