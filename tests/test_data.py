@@ -58,8 +58,16 @@ from epalm.data import (
     vqa_text,
 )
 
-av = pytest.importorskip("av")
-sf = pytest.importorskip("soundfile")
+try:  # optional extras (epalm[video], epalm[audio]): only the tests that decode such files need them
+    import av
+except ImportError:  # pragma: no cover
+    av = None
+try:
+    import soundfile as sf
+except ImportError:  # pragma: no cover
+    sf = None
+needs_av = pytest.mark.skipif(av is None, reason="PyAV (pip install av) is not installed")
+needs_sf = pytest.mark.skipif(sf is None, reason="soundfile (pip install soundfile) is not installed")
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -130,7 +138,11 @@ def root(tmp_path_factory) -> Path:
     write_json(
         r / "vqa" / "v2_OpenEnded_mscoco_val2014_questions.json",
         {
-            "info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "license": {}, "data_subtype": "val2014",
+            "info": {},
+            "task_type": "Open-Ended",
+            "data_type": "mscoco",
+            "license": {},
+            "data_subtype": "val2014",
             "questions": [
                 {"image_id": 42, "question": "What is this photo taken looking through?", "question_id": 420},
                 {"image_id": 73, "question": "Is it sunny?", "question_id": 730},
@@ -141,15 +153,36 @@ def root(tmp_path_factory) -> Path:
     write_json(
         r / "vqa" / "v2_mscoco_val2014_annotations.json",
         {
-            "info": {}, "license": {}, "data_subtype": "val2014",
+            "info": {},
+            "license": {},
+            "data_subtype": "val2014",
             "annotations": [
-                {"question_id": 420, "image_id": 42, "question_type": "what is this", "answer_type": "other",
-                 "multiple_choice_answer": "net",
-                 "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(VQA_ANSWERS)]},
-                {"question_id": 730, "image_id": 73, "question_type": "is it", "answer_type": "yes/no",
-                 "multiple_choice_answer": "yes", "answers": [{"answer": "yes", "answer_id": i + 1} for i in range(10)]},
-                {"question_id": 421, "image_id": 42, "question_type": "how many", "answer_type": "number",
-                 "multiple_choice_answer": "2", "answers": [{"answer": "2", "answer_id": i + 1} for i in range(10)]},
+                {
+                    "question_id": 420,
+                    "image_id": 42,
+                    "question_type": "what is this",
+                    "answer_type": "other",
+                    "multiple_choice_answer": "net",
+                    "answers": [
+                        {"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(VQA_ANSWERS)
+                    ],
+                },
+                {
+                    "question_id": 730,
+                    "image_id": 73,
+                    "question_type": "is it",
+                    "answer_type": "yes/no",
+                    "multiple_choice_answer": "yes",
+                    "answers": [{"answer": "yes", "answer_id": i + 1} for i in range(10)],
+                },
+                {
+                    "question_id": 421,
+                    "image_id": 42,
+                    "question_type": "how many",
+                    "answer_type": "number",
+                    "multiple_choice_answer": "2",
+                    "answers": [{"answer": "2", "answer_id": i + 1} for i in range(10)],
+                },
             ],
         },
     )
@@ -157,39 +190,86 @@ def root(tmp_path_factory) -> Path:
     write_json(
         r / "vqa" / "karpathy_val.json",
         [
-            {"question_id": 420, "question": "What is this photo taken looking through?", "answer": VQA_ANSWERS,
-             "image": "val2014/COCO_val2014_000000000042.jpg", "dataset": "vqa"},
-            {"question_id": 730, "question": "Is it sunny?", "answer": "yes",
-             "image": "val2014/COCO_val2014_000000000073.jpg", "dataset": "vqa"},
-            {"question_id": 9001, "question": "What color is the grass?", "answer": ["green"],
-             "image": "2375429.jpg", "dataset": "vg"},
+            {
+                "question_id": 420,
+                "question": "What is this photo taken looking through?",
+                "answer": VQA_ANSWERS,
+                "image": "val2014/COCO_val2014_000000000042.jpg",
+                "dataset": "vqa",
+            },
+            {
+                "question_id": 730,
+                "question": "Is it sunny?",
+                "answer": "yes",
+                "image": "val2014/COCO_val2014_000000000073.jpg",
+                "dataset": "vqa",
+            },
+            {
+                "question_id": 9001,
+                "question": "What color is the grass?",
+                "answer": ["green"],
+                "image": "2375429.jpg",
+                "dataset": "vg",
+            },
         ],
     )
     write_json(
         r / "vqa" / "karpathy_train.json",
         [
-            {"answer_type": "other", "img_id": "COCO_train2014_000000000009", "label": {"net": 1, "mesh": 0.3},
-             "question_id": 90, "question_type": "what is this", "sent": "What is this photo taken looking through?"},
-            {"answer_type": "number", "img_id": "COCO_val2014_000000000073", "label": {"2": 1},
-             "question_id": 91, "question_type": "how many", "sent": "How many birds?"},
+            {
+                "answer_type": "other",
+                "img_id": "COCO_train2014_000000000009",
+                "label": {"net": 1, "mesh": 0.3},
+                "question_id": 90,
+                "question_type": "what is this",
+                "sent": "What is this photo taken looking through?",
+            },
+            {
+                "answer_type": "number",
+                "img_id": "COCO_val2014_000000000073",
+                "label": {"2": 1},
+                "question_id": 91,
+                "question_type": "how many",
+                "sent": "How many birds?",
+            },
         ],
     )
     # GQA official (dict) and release (list)
     write_json(
         r / "GQA" / "questions" / "testdev_balanced_questions.json",
         {
-            "201307251": {"semantic": [], "entailed": [], "equivalent": ["201307251"], "question": "Is the sky blue?",
-                          "imageId": "n356822", "isBalanced": True, "groups": {"global": None, "local": "13-sky"},
-                          "answer": "yes", "semanticStr": "", "annotations": {},
-                          "types": {"detailed": "verifyAttr", "semantic": "attr", "structural": "verify"},
-                          "fullAnswer": "Yes, the sky is blue."},
-            "201640614": {"question": "What is on the white wall?", "imageId": "2375429", "answer": "pipe",
-                          "types": {"structural": "query"}},
+            "201307251": {
+                "semantic": [],
+                "entailed": [],
+                "equivalent": ["201307251"],
+                "question": "Is the sky blue?",
+                "imageId": "n356822",
+                "isBalanced": True,
+                "groups": {"global": None, "local": "13-sky"},
+                "answer": "yes",
+                "semanticStr": "",
+                "annotations": {},
+                "types": {"detailed": "verifyAttr", "semantic": "attr", "structural": "verify"},
+                "fullAnswer": "Yes, the sky is blue.",
+            },
+            "201640614": {
+                "question": "What is on the white wall?",
+                "imageId": "2375429",
+                "answer": "pipe",
+                "types": {"structural": "query"},
+            },
         },
     )
     write_json(
         r / "GQA" / "valid.json",
-        [{"img_id": "2375429", "label": {"pipe": 1.0}, "question_id": "07333408", "sent": "What is on the white wall?"}],
+        [
+            {
+                "img_id": "2375429",
+                "label": {"pipe": 1.0},
+                "question_id": "07333408",
+                "sent": "What is on the white wall?",
+            }
+        ],
     )
     # COCO Karpathy captions
     write_json(
@@ -197,30 +277,60 @@ def root(tmp_path_factory) -> Path:
         {
             "dataset": "coco",
             "images": [
-                {"filepath": "val2014", "sentids": [1, 2], "filename": "COCO_val2014_000000000042.jpg", "imgid": 0,
-                 "split": "test", "cocoid": 42,
-                 "sentences": [{"tokens": ["a"], "raw": "A cat sits on a mat. ", "imgid": 0, "sentid": 1},
-                               {"tokens": ["b"], "raw": "A red square.", "imgid": 0, "sentid": 2}]},
-                {"filepath": "val2014", "sentids": [3], "filename": "COCO_val2014_000000000073.jpg", "imgid": 1,
-                 "split": "restval", "cocoid": 73,
-                 "sentences": [{"raw": "A blue thing.", "sentid": 3}, {"raw": "Something blue.", "sentid": 4}]},
-                {"filepath": "train2014", "sentids": [5], "filename": "COCO_train2014_000000000009.jpg", "imgid": 2,
-                 "split": "train", "cocoid": 9, "sentences": [{"raw": "Gray.", "sentid": 5}]},
-                {"filepath": "val2014", "filename": "COCO_val2014_000000000099.jpg", "imgid": 3, "split": "val",
-                 "cocoid": 99, "sentences": [{"raw": "Missing image.", "sentid": 6}]},
+                {
+                    "filepath": "val2014",
+                    "sentids": [1, 2],
+                    "filename": "COCO_val2014_000000000042.jpg",
+                    "imgid": 0,
+                    "split": "test",
+                    "cocoid": 42,
+                    "sentences": [
+                        {"tokens": ["a"], "raw": "A cat sits on a mat. ", "imgid": 0, "sentid": 1},
+                        {"tokens": ["b"], "raw": "A red square.", "imgid": 0, "sentid": 2},
+                    ],
+                },
+                {
+                    "filepath": "val2014",
+                    "sentids": [3],
+                    "filename": "COCO_val2014_000000000073.jpg",
+                    "imgid": 1,
+                    "split": "restval",
+                    "cocoid": 73,
+                    "sentences": [{"raw": "A blue thing.", "sentid": 3}, {"raw": "Something blue.", "sentid": 4}],
+                },
+                {
+                    "filepath": "train2014",
+                    "sentids": [5],
+                    "filename": "COCO_train2014_000000000009.jpg",
+                    "imgid": 2,
+                    "split": "train",
+                    "cocoid": 9,
+                    "sentences": [{"raw": "Gray.", "sentid": 5}],
+                },
+                {
+                    "filepath": "val2014",
+                    "filename": "COCO_val2014_000000000099.jpg",
+                    "imgid": 3,
+                    "split": "val",
+                    "cocoid": 99,
+                    "sentences": [{"raw": "Missing image.", "sentid": 6}],
+                },
             ],
         },
     )
     # videos: MSRVTT (mp4) and MSVD (avi); one Matroska file has no frame count in its header
     vids = r / "MSRVTT" / "videos" / "all"
-    write_video(vids / "video0.mp4")
-    write_video(vids / "video1.mp4", n_frames=4)
-    write_video(vids / "video2.mkv")
-    write_video(r / "MSVD" / "videos" / "all" / "-4wsuPCjDBc_5_15.avi")
+    if av is not None:
+        write_video(vids / "video0.mp4")
+        write_video(vids / "video1.mp4", n_frames=4)
+        write_video(vids / "video2.mkv")
+        write_video(r / "MSVD" / "videos" / "all" / "-4wsuPCjDBc_5_15.avi")
     write_json(
         r / "MSRVTT" / "annotation" / "msrvtt_vqa_test.json",
-        [{"answer": "cat", "category_id": 1, "id": 0, "question": "what is playing", "video_id": 0},
-         {"answer": "dog", "category_id": 1, "id": 1, "question": "what runs?", "video_id": 1}],
+        [
+            {"answer": "cat", "category_id": 1, "id": 0, "question": "what is playing", "video_id": 0},
+            {"answer": "dog", "category_id": 1, "id": 1, "question": "what runs?", "video_id": 1},
+        ],
     )
     write_json(
         r / "MSRVTT" / "annotation" / "msrvtt_vqa_release.json",
@@ -234,19 +344,39 @@ def root(tmp_path_factory) -> Path:
     write_json(
         r / "MSRVTT" / "train_val_videodatainfo.json",
         {
-            "info": {}, "videos": [
-                {"category": 9, "url": "u", "video_id": "video0", "start time": 0.0, "end time": 1.0, "split": "train", "id": 0},
-                {"category": 9, "url": "u", "video_id": "video1", "start time": 0.0, "end time": 1.0, "split": "validate", "id": 1},
+            "info": {},
+            "videos": [
+                {
+                    "category": 9,
+                    "url": "u",
+                    "video_id": "video0",
+                    "start time": 0.0,
+                    "end time": 1.0,
+                    "split": "train",
+                    "id": 0,
+                },
+                {
+                    "category": 9,
+                    "url": "u",
+                    "video_id": "video1",
+                    "start time": 0.0,
+                    "end time": 1.0,
+                    "split": "validate",
+                    "id": 1,
+                },
             ],
-            "sentences": [{"caption": "a cat plays", "video_id": "video0", "sen_id": 0},
-                          {"caption": "a cat is playing", "video_id": "video0", "sen_id": 1},
-                          {"caption": "dog runs", "video_id": "video1", "sen_id": 2}],
+            "sentences": [
+                {"caption": "a cat plays", "video_id": "video0", "sen_id": 0},
+                {"caption": "a cat is playing", "video_id": "video0", "sen_id": 1},
+                {"caption": "dog runs", "video_id": "video1", "sen_id": 2},
+            ],
         },
     )
     # audio: AudioCaps CSV + wav files (one at 44.1 kHz, stereo)
     audios = r / "audiocaps" / "audios" / "test"
-    write_wav(audios / "--L22BmDI6E.wav")
-    write_wav(audios / "abc123.wav", sr=44100)
+    if sf is not None:
+        write_wav(audios / "--L22BmDI6E.wav")
+        write_wav(audios / "abc123.wav", sr=44100)
     (r / "audiocaps" / "dataset").mkdir(parents=True)
     with (r / "audiocaps" / "dataset" / "test.csv").open("w", newline="") as f:
         w = csv.writer(f)
@@ -273,13 +403,19 @@ def tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        vocab_size=400,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    corpus = ["what is this photo taken looking through? net mesh netting", "is it sunny? yes no",
-              "how many cats? 2 a cat sits on a mat </a> answer"] * 20
+    corpus = [
+        "what is this photo taken looking through? net mesh netting",
+        "is it sunny? yes no",
+        "how many cats? 2 a cat sits on a mat </a> answer",
+    ] * 20
     tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def _variant(tokenizer, **special):
@@ -294,8 +430,12 @@ def _variant(tokenizer, **special):
 
 
 def test_read_vqa_v2_standard(root):
-    s = read_vqa_v2(root / "vqa/v2_OpenEnded_mscoco_val2014_questions.json",
-                    root / "vqa/v2_mscoco_val2014_annotations.json", root / "COCO/images", check_files=True)
+    s = read_vqa_v2(
+        root / "vqa/v2_OpenEnded_mscoco_val2014_questions.json",
+        root / "vqa/v2_mscoco_val2014_annotations.json",
+        root / "COCO/images",
+        check_files=True,
+    )
     assert [x.id for x in s] == [420, 730, 421]
     first = s[0]
     assert first.media_id == "COCO_val2014_000000000042"
@@ -310,8 +450,9 @@ def test_read_vqa_v2_without_annotations(root):
 
 
 def test_read_vqa_karpathy_albef_and_release_formats(root):
-    albef = read_vqa_karpathy(root / "vqa/karpathy_val.json", root / "COCO/images", vg_root=root / "VG/VG_100K",
-                              check_files=True)
+    albef = read_vqa_karpathy(
+        root / "vqa/karpathy_val.json", root / "COCO/images", vg_root=root / "VG/VG_100K", check_files=True
+    )
     assert albef[0].answers == VQA_ANSWERS and albef[1].answers == ["yes"]
     assert albef[2].media_path == root / "VG/VG_100K/2375429.jpg" and albef[2].media_id == "2375429"
     with pytest.raises(ValueError, match="vg_root"):
@@ -344,6 +485,7 @@ def test_read_coco_karpathy_splits(root):
         read_coco_karpathy(path, images, "dev")
 
 
+@needs_av
 def test_read_msrvtt_qa_official_and_release(root):
     s = read_msrvtt_qa(root / "MSRVTT/annotation/msrvtt_vqa_test.json", root / "MSRVTT/videos/all", check_files=True)
     assert [x.media_id for x in s] == ["video0", "video1"] and s[0].answers == ["cat"] and s[0].id == 0
@@ -352,6 +494,7 @@ def test_read_msrvtt_qa_official_and_release(root):
     assert r[0].id == "q0" and r[0].media_path.name == "video0.mp4" and r[0].answers == ["cat"]
 
 
+@needs_av
 def test_read_msvd_qa_with_name_map(root):
     qa, vids = root / "MSVD/annotation/msvd_vqa_test.json", root / "MSVD/videos/all"
     s = read_msvd_qa(qa, vids, video_name_map=root / "MSVD/youtube_mapping.txt", check_files=True)
@@ -362,6 +505,7 @@ def test_read_msvd_qa_with_name_map(root):
         read_msvd_qa(qa, vids, video_name_map={"vid7": "x"})
 
 
+@needs_av
 def test_read_msrvtt_captions_official_and_release(root, tmp_path):
     info, vids = root / "MSRVTT/train_val_videodatainfo.json", root / "MSRVTT/videos/all"
     train = read_msrvtt_captions(info, vids, "train", check_files=True)
@@ -372,14 +516,20 @@ def test_read_msrvtt_captions_official_and_release(root, tmp_path):
     assert read_msrvtt_captions(rel, vids)[0].captions == ["x", "y"]
 
 
+@needs_sf
 def test_read_audiocaps_csv_and_patterns(root, tmp_path):
     csv_path, audios = root / "audiocaps/dataset/test.csv", root / "audiocaps/audios/test"
     s = read_audiocaps(csv_path, audios, check_files=True)
-    assert [(x.id, x.captions) for x in s] == [("--L22BmDI6E", ["A man speaks", "Someone talks"]), ("abc123", ["Birds chirp"])]
+    assert [(x.id, x.captions) for x in s] == [
+        ("--L22BmDI6E", ["A man speaks", "Someone talks"]),
+        ("abc123", ["Birds chirp"]),
+    ]
     assert s[0].modality == "audio"
     by_cap = read_audiocaps(csv_path, audios, filename_pattern="{audiocap_id}.wav")
     assert [x.media_id for x in by_cap] == ["103549", "103550", "103551"]
-    rel = write_json(tmp_path / "audiocaps_caption_test.json", [{"audio": "--L22BmDI6E.wav", "caption": "A man speaks"}])
+    rel = write_json(
+        tmp_path / "audiocaps_caption_test.json", [{"audio": "--L22BmDI6E.wav", "caption": "A man speaks"}]
+    )
     assert read_audiocaps(rel, audios)[0].captions == ["A man speaks"]
 
 
@@ -395,15 +545,31 @@ def test_malformed_json_names_file(tmp_path):
 
 def _vqa_files(tmp: Path, edit) -> tuple[Path, Path]:
     """A two-question VQA v2 questions/annotations pair, after ``edit(questions, annotations)``."""
-    q = {"data_subtype": "val2014", "questions": [{"image_id": 1, "question": "q?", "question_id": 1},
-                                                  {"image_id": 1, "question": "q?", "question_id": 2}]}
-    a = {"annotations": [{"question_id": 1, "answers": [{"answer": "x"}]}, {"question_id": 2, "answers": [{"answer": "y"}]}]}
+    q = {
+        "data_subtype": "val2014",
+        "questions": [
+            {"image_id": 1, "question": "q?", "question_id": 1},
+            {"image_id": 1, "question": "q?", "question_id": 2},
+        ],
+    }
+    a = {
+        "annotations": [
+            {"question_id": 1, "answers": [{"answer": "x"}]},
+            {"question_id": 2, "answers": [{"answer": "y"}]},
+        ]
+    }
     edit(q, a)
     return write_json(tmp / "questions.json", q), write_json(tmp / "annotations.json", a)
 
 
 def _coco(tmp: Path, drop_sentences: bool):
-    e = {"filepath": "val2014", "filename": "x.jpg", "split": "val", "cocoid": 1, "sentences": [{"raw": "a"}, {"tokens": []}]}
+    e = {
+        "filepath": "val2014",
+        "filename": "x.jpg",
+        "split": "val",
+        "cocoid": 1,
+        "sentences": [{"raw": "a"}, {"tokens": []}],
+    }
     if drop_sentences:
         del e["sentences"]
     return read_coco_karpathy(write_json(tmp / "dataset_coco.json", {"images": [e]}), tmp, "val")
@@ -438,8 +604,13 @@ MALFORMED = {
         r"qa\.json: entry 0 has no 'question' or 'sent'",
     ),
     "msrvtt_sentence": (
-        lambda t: read_msrvtt_captions(write_json(
-            t / "info.json", {"videos": [{"video_id": "video0", "split": "train"}], "sentences": [{"video_id": "video0"}]}), t),
+        lambda t: read_msrvtt_captions(
+            write_json(
+                t / "info.json",
+                {"videos": [{"video_id": "video0", "split": "train"}], "sentences": [{"video_id": "video0"}]},
+            ),
+            t,
+        ),
         r"info\.json: sentence 0 has no 'caption'",
     ),
     "audiocaps_column": (
@@ -469,10 +640,15 @@ def test_missing_annotation_files_name_the_path(tmp_path):
     q = write_json(tmp_path / "q.json", {"data_subtype": "val2014", "questions": []})
     with pytest.raises(FileNotFoundError, match="v2_mscoco_val2014_annotations.json"):
         read_vqa_v2(q, missing, tmp_path)
-    for call in (lambda: read_gqa(tmp_path / "gqa_missing.json", tmp_path),
-                 lambda: read_audiocaps(tmp_path / "gqa_missing.csv", tmp_path),
-                 lambda: read_msvd_qa(write_json(tmp_path / "qa.json", [{"question": "q", "video_id": 1}]), tmp_path,
-                                      video_name_map=tmp_path / "gqa_missing.txt")):
+    for call in (
+        lambda: read_gqa(tmp_path / "gqa_missing.json", tmp_path),
+        lambda: read_audiocaps(tmp_path / "gqa_missing.csv", tmp_path),
+        lambda: read_msvd_qa(
+            write_json(tmp_path / "qa.json", [{"question": "q", "video_id": 1}]),
+            tmp_path,
+            video_name_map=tmp_path / "gqa_missing.txt",
+        ),
+    ):
         with pytest.raises(FileNotFoundError, match="gqa_missing"):
             call()
 
@@ -542,6 +718,7 @@ def test_frame_sampling_counts_and_segments():
         sample_frame_indices(0, 10)
 
 
+@needs_av
 def test_read_video_frames_picks_the_sampled_frames(root):
     frames = read_video_frames(root / "MSRVTT/videos/all/video0.mp4", 4, train=False)
     levels = [float(np.asarray(f, np.float32).mean()) for f in frames]
@@ -550,6 +727,7 @@ def test_read_video_frames_picks_the_sampled_frames(root):
         assert abs(level - (20 * idx + 10)) < 8, levels
 
 
+@needs_av
 @pytest.mark.parametrize("name, n", [("video0.mp4", 8), ("video1.mp4", 8), ("video2.mkv", 8), ("video0.mp4", 16)])
 def test_video_loader_shape(root, name, n):
     loader = VideoLoader(num_frames=n, size=40, mean=MEAN, std=STD)
@@ -558,6 +736,7 @@ def test_video_loader_shape(root, name, n):
         assert x.shape == (n, 3, 40, 40) and torch.isfinite(x).all()
 
 
+@needs_av
 @pytest.mark.parametrize("name", ["bad.mp4", "bad.jpg", "absent.mp4"])
 def test_corrupt_video_raises_media_error(root, name):
     with pytest.raises(MediaError, match=name):
@@ -567,6 +746,7 @@ def test_corrupt_video_raises_media_error(root, name):
 # =========================================================================== audio
 
 
+@needs_sf
 def test_load_audio_and_ast_fbank_shape(root):
     wav, sr = load_audio(root / "audiocaps/audios/test/--L22BmDI6E.wav")
     assert sr == 16000 and wav.shape == (16000,) and wav.dtype == torch.float32
@@ -580,6 +760,7 @@ def test_load_audio_and_ast_fbank_shape(root):
     assert loud.argmax() < 30  # 440 Hz energy sits in the low mel bins
 
 
+@needs_sf
 def test_audio_loader_resamples_other_rates(root):
     x = AudioLoader("ast")(root / "audiocaps/audios/test/abc123.wav")  # 44.1 kHz file
     y = AudioLoader("ast")(root / "audiocaps/audios/test/--L22BmDI6E.wav")
@@ -617,6 +798,7 @@ def test_spec_augment_masks_frequency_and_time():
     assert max(widths_f) > 0 and max(widths_t) > 0
 
 
+@needs_sf
 def test_ast_train_mode_applies_specaugment(root):
     wav, sr = load_audio(root / "audiocaps/audios/test/--L22BmDI6E.wav")
     feats = ASTFeatures()
@@ -628,6 +810,7 @@ def test_ast_train_mode_applies_specaugment(root):
     assert any(torch.isclose(m[:98], torch.tensor(fill)).all(0).any() for m in masked)
 
 
+@needs_sf
 @pytest.mark.parametrize("name", ["bad.wav", "bad.jpg", "absent.wav"])
 def test_corrupt_audio_raises_media_error(root, name):
     with pytest.raises(MediaError, match=name):
@@ -659,7 +842,11 @@ def test_encode_answer_only_vs_all(tokenizer):
     assert full.labels == [IGNORE_INDEX] + full.input_ids[1:]  # everything but BOS
     assert tokenizer.decode(full.input_ids[1:]) == "is it sunny?</a>yes</s>"
     cut = encode_example(tokenizer, prompt, answer, max_length=4)
-    assert len(cut.input_ids) == 4 and cut.input_ids[0] == tokenizer.bos_token_id and cut.input_ids[-1] == tokenizer.eos_token_id
+    assert (
+        len(cut.input_ids) == 4
+        and cut.input_ids[0] == tokenizer.bos_token_id
+        and cut.input_ids[-1] == tokenizer.eos_token_id
+    )
     with pytest.raises(ValueError, match="loss_on"):
         encode_example(tokenizer, prompt, answer, loss_on="question")
 
@@ -671,10 +858,15 @@ def test_tokenizer_without_bos_or_pad(tokenizer):
     assert enc.input_ids[0] != tokenizer.bos_token_id and enc.labels[0] == IGNORE_INDEX
     no_pad = _variant(tokenizer, pad_token=None)
     assert pad_token_id_of(no_pad) == no_pad.eos_token_id
-    batch = make_collate_fn(no_pad)([
-        {"input_ids": torch.tensor(e.input_ids), "labels": torch.tensor(e.labels)}
-        for e in (encode_example(no_pad, "a?</a>", "yes"), encode_example(no_pad, "is it a long question?</a>", "no"))
-    ])
+    batch = make_collate_fn(no_pad)(
+        [
+            {"input_ids": torch.tensor(e.input_ids), "labels": torch.tensor(e.labels)}
+            for e in (
+                encode_example(no_pad, "a?</a>", "yes"),
+                encode_example(no_pad, "is it a long question?</a>", "no"),
+            )
+        ]
+    )
     eos = no_pad.eos_token_id
     # pads are eos ids but masked out; the real EOS stays a target
     assert (batch["input_ids"][0][batch["attention_mask"][0] == 0] == eos).all()
@@ -713,8 +905,11 @@ def test_add_separator_token_never_resizes(tokenizer):
 
 @pytest.fixture(scope="module")
 def vqa_samples(root):
-    return read_vqa_v2(root / "vqa/v2_OpenEnded_mscoco_val2014_questions.json",
-                       root / "vqa/v2_mscoco_val2014_annotations.json", root / "COCO/images")
+    return read_vqa_v2(
+        root / "vqa/v2_OpenEnded_mscoco_val2014_questions.json",
+        root / "vqa/v2_mscoco_val2014_annotations.json",
+        root / "COCO/images",
+    )
 
 
 def test_vqa_dataset_items_and_batches(vqa_samples, tokenizer):
@@ -767,6 +962,7 @@ def test_feature_lookup_replaces_media(vqa_samples, tokenizer):
     assert "media" not in item and torch.equal(item["features"], cache["COCO_val2014_000000000073"])
     batch = make_collate_fn(tokenizer)([ds[0], ds[1]])
     assert batch["features"].shape == (2, 6, 8)
+    assert torch.equal(VQADataset(vqa_samples, tokenizer, feature_lookup=cache)[0]["features"], torch.ones(6, 8))
     del cache["COCO_val2014_000000000073"]
     with pytest.raises(MediaError, match="COCO_val2014_000000000073"):
         ds[1]
@@ -774,7 +970,9 @@ def test_feature_lookup_replaces_media(vqa_samples, tokenizer):
 
 def test_on_error_raise_and_skip(root, tokenizer):
     samples = [
-        QASample(1, "COCO_val2014_000000000042", root / "COCO/images/val2014/COCO_val2014_000000000042.jpg", "q?", ["a"]),
+        QASample(
+            1, "COCO_val2014_000000000042", root / "COCO/images/val2014/COCO_val2014_000000000042.jpg", "q?", ["a"]
+        ),
         QASample(2, "bad", root / "bad/bad.jpg", "q?", ["a"]),
         QASample(3, "truncated", root / "bad/truncated.jpg", "q?", ["a"]),
     ]
@@ -805,10 +1003,16 @@ def test_caption_dataset_expansion_and_references(root, tokenizer):
     assert item["prompt_ids"].tolist() == [tokenizer.bos_token_id]
     ev = CaptionDataset(samples, tokenizer, media_loader=ImageLoader(32, MEAN, STD))
     assert len(ev) == 2 and ev[0]["caption"] == "A blue thing."
+    prompted = CaptionDataset(samples, tokenizer, prompt="a picture of", media_loader=ImageLoader(32, MEAN, STD))[0]
+    assert tokenizer.decode(prompted["input_ids"]) == "<s>a picture of A blue thing.</s>"
+    assert tokenizer.decode([t for t in prompted["labels"].tolist() if t != IGNORE_INDEX]) == " A blue thing.</s>"
+    assert tokenizer.decode(prompted["prompt_ids"]) == "<s>a picture of"
     few = CaptionDataset(samples, tokenizer, train=True, fraction=0.01, seed=1, media_loader=ImageLoader(32, MEAN, STD))
     assert len(few) == 1
 
 
+@needs_av
+@needs_sf
 def test_video_qa_and_audio_caption_datasets(root, tokenizer):
     qa = read_msrvtt_qa(root / "MSRVTT/annotation/msrvtt_vqa_test.json", root / "MSRVTT/videos/all")
     ds = VQADataset(qa, tokenizer, train=True, media_loader=VideoLoader(8, 32, MEAN, STD))

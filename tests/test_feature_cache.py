@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import pickle
 
@@ -291,13 +290,17 @@ def test_training_from_cache_equals_training_from_media(tmp_path):
     cache = FeatureCache.build(tmp_path / "c", enc, list(zip(ids, px)), fp, batch_size=3, dtype="float32",
                                progress=False)
 
-    torch.manual_seed(0)
-    lm = OPTForCausalLM(OPTConfig(vocab_size=97, hidden_size=32, num_hidden_layers=4, ffn_dim=64,
-                                  num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
-                                  pad_token_id=1, bos_token_id=2, eos_token_id=2))
-    lm.config._attn_implementation = "sdpa"
-    model_a = EPALM(lm, enc, EPALMConfig(lm="t", encoder="t", variant="epalm", num_encoder_layers=2))
-    model_b = copy.deepcopy(model_a)
+    def make_model():  # identical initial weights (deepcopy would keep hooks bound to the original)
+        torch.manual_seed(0)
+        lm = OPTForCausalLM(OPTConfig(vocab_size=97, hidden_size=32, num_hidden_layers=4, ffn_dim=64,
+                                      num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                                      pad_token_id=1, bos_token_id=2, eos_token_id=2))
+        lm.config._attn_implementation = "sdpa"
+        return EPALM(lm, enc, EPALMConfig(lm="t", encoder="t", variant="epalm", num_encoder_layers=2))
+
+    model_a, model_b = make_model(), make_model()
+    for (name, p), q in zip(model_a.named_parameters(), model_b.parameters()):
+        assert torch.equal(p, q), name
     torch.manual_seed(4)
     input_ids = torch.randint(3, 97, (3, 6))
     labels = input_ids.clone()
@@ -327,3 +330,42 @@ def test_training_from_cache_equals_training_from_media(tmp_path):
     for name in state_a:
         assert torch.equal(state_a[name], state_b[name]), name
     assert any(not torch.equal(state_a[k], initial[k]) for k in initial)  # training moved the weights
+
+
+def test_all_tokens_cache_for_magma_star(tmp_path):
+    enc, px = make_encoder(), media(3)
+    fp = encoder_fingerprint(enc, "tiny-vit", PRE, all_tokens=True)
+    cache = FeatureCache.build(tmp_path / "c", enc, zip(ids_for(3), px), fp, dtype="float32", progress=False)
+    assert cache.shape == (5, 24)  # CLS + 2x2 patches of the last layer
+    assert torch.equal(cache.get_batch(ids_for(3)), enc(px, all_tokens=True))
+
+
+def test_crash_between_completion_and_rename_is_finished_on_resume(tmp_path, monkeypatch):
+    from epalm import feature_cache as fc
+
+    enc, px = make_encoder(), media(4)
+    fp = encoder_fingerprint(enc, "tiny-vit", PRE)
+    real_publish = fc._PartialWriter.publish
+
+    def crash(self, overwrite):
+        raise Boom("killed before the rename")
+
+    monkeypatch.setattr(fc._PartialWriter, "publish", crash)
+    with pytest.raises(Boom):
+        FeatureCache.build(tmp_path / "c", enc, zip(ids_for(4), px), fp, dtype="float32", progress=False)
+    assert not (tmp_path / "c").exists()
+    monkeypatch.setattr(fc._PartialWriter, "publish", real_publish)
+
+    def must_not_iterate():
+        raise AssertionError("a completed partial build must not recompute anything")
+        yield
+
+    cache = FeatureCache.build(tmp_path / "c", enc, must_not_iterate(), fp, dtype="float32", progress=False)
+    assert cache.ids == ids_for(4)
+
+
+def test_progress_bar_reports_items_per_second(tmp_path, capsys):
+    enc, px = make_encoder(), media(4)
+    build(tmp_path / "c", enc, px, progress=True)
+    err = capsys.readouterr().err
+    assert "4/4" in err and "item" in err  # "item/s" (or "s/item" on a very slow machine)

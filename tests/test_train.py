@@ -4,48 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
-from conftest import tiny_encoder, tiny_lm
-from epalm import EPALM, EPALMConfig
+from epalm.tiny import ColourDataset, collate, tiny_model
 from epalm.train import OptimConfig, TrainConfig, Trainer, TrainingDiverged, config_from_dict, lr_lambda
 
 
-class ColourDataset(Dataset):
-    """Image = a flat colour; text = [BOS, q, q, answer, EOS] where the answer depends on the colour."""
-
-    def __init__(self, n=24, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.labels = torch.randint(0, 3, (n,), generator=g)
-        self.noise = torch.randn(n, 3, 16, 16, generator=g) * 0.1
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        c = int(self.labels[i])
-        img = self.noise[i].clone()
-        img[c] += 2.0
-        ids = torch.tensor([2, 10, 11, 20 + c, 2])
-        labels = torch.tensor([-100, -100, -100, 20 + c, 2])
-        return {"pixel_values": img, "input_ids": ids, "labels": labels}
-
-
-def collate(items):
-    return {"pixel_values": torch.stack([x["pixel_values"] for x in items]),
-            "input_ids": torch.stack([x["input_ids"] for x in items]),
-            "attention_mask": torch.ones(len(items), 5, dtype=torch.long),
-            "labels": torch.stack([x["labels"] for x in items])}
-
-
 def make_model(seed=0):
-    torch.manual_seed(seed)
-    lm = tiny_lm("opt")
-    with torch.no_grad():  # at std 0.02 a tiny random LM's logits barely respond to its prefix
-        for p in lm.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.4)
-    return EPALM(lm, tiny_encoder(), EPALMConfig(lm="t", encoder="t", num_encoder_layers=2))
+    return tiny_model(seed=seed)
 
 
 def trainable(model):
@@ -56,12 +21,12 @@ def run(tmp_path, name, collate_fn=None, **kw):
     cfg = TrainConfig(output_dir=str(tmp_path / name), epochs=kw.pop("epochs", 3), batch_size=8, cpu=True,
                       log_every=1, optim=OptimConfig(lr=1e-2, warmup_lr=3e-3, min_lr=1e-3, prompt_lr=1e-2), **kw)
     model = make_model()
-    return Trainer(model, ColourDataset(), collate_fn or collate, cfg), model
+    return Trainer(model, ColourDataset(24), collate_fn or collate, cfg), model
 
 
 def test_training_reduces_loss_and_writes_logs(tmp_path):
     trainer, model = run(tmp_path, "a", epochs=8)
-    ds = ColourDataset()
+    ds = ColourDataset(24)
     batch = collate([ds[i] for i in range(len(ds))])
     with torch.no_grad():
         before = model(**batch).loss.item()

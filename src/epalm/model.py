@@ -278,7 +278,7 @@ class EPALM(nn.Module):
         state = self.injection_state(media, features, input_ids.shape[0])
         ids, mask = self._with_prefix(state, input_ids, attention_mask)
         with self.engine.active(state):
-            out = self.lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+            out = self.engine.anatomy.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
         hidden = out.last_hidden_state[:, state.prefix_len:]  # (B, T, d)
         result = EPALMOutput()
         if return_logits:

@@ -19,7 +19,16 @@ from .datasets import (
     load_samples,
 )
 from .errors import AnnotationError, MediaError
-from .image import IMAGENET_MEAN, IMAGENET_STD, RELEASE_MEAN, RELEASE_STD, ImageLoader, ImageTransform, RandAugment, load_image
+from .image import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RELEASE_MEAN,
+    RELEASE_STD,
+    ImageLoader,
+    ImageTransform,
+    RandAugment,
+    load_image,
+)
 from .readers import (
     load_video_name_map,
     read_audiocaps,

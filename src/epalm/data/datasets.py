@@ -3,10 +3,10 @@
 Each item is a dict::
 
     sample_id, media_id          ids for official result files and feature caches
-    media | features             the loaded media tensor, or feature_lookup(media_id)
+    media | features             the loaded media tensor, or feature_lookup(media_id) (a callable or a mapping)
     prompt_ids                   [BOS] + prompt tokens, for generation
     input_ids, labels            the full training example (absent when there is no reference)
-    question, answers, answer    (QA)      or   references, caption   (captions)
+    question, answers, answer, answer_type   (QA)   or   references, caption   (captions)
 
 Use :func:`~epalm.data.text.make_collate_fn` as the ``DataLoader``'s ``collate_fn``.
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,7 +45,7 @@ __all__ = [
 
 OnError = Literal["raise", "skip"]
 MediaLoaderFn = Callable[[Path, bool], torch.Tensor]
-FeatureLookup = Callable[[str], torch.Tensor]
+FeatureLookup = Callable[[str], torch.Tensor] | Mapping[str, torch.Tensor]  # e.g. a FeatureCache
 
 
 class SkippedSampleWarning(UserWarning):
@@ -126,7 +126,8 @@ class _MediaTextDataset(Dataset):
     def _load_media(self, sample: QASample | CaptionSample) -> dict[str, torch.Tensor]:
         if self.feature_lookup is not None:
             try:
-                feats = self.feature_lookup(sample.media_id)
+                lookup = self.feature_lookup
+                feats = lookup(sample.media_id) if callable(lookup) else lookup[sample.media_id]
             except MediaError:
                 raise
             except Exception as e:  # a cache miss must name the media id, whatever the cache raises
@@ -155,7 +156,9 @@ class _MediaTextDataset(Dataset):
             if self.on_error == "raise":
                 raise
             self.skipped.append(sample.id)
-            warnings.warn(f"skipping sample {sample.id!r} (media {sample.media_id!r}): {e}", SkippedSampleWarning, stacklevel=3)
+            warnings.warn(
+                f"skipping sample {sample.id!r} (media {sample.media_id!r}): {e}", SkippedSampleWarning, stacklevel=3
+            )
             return None
 
 
@@ -166,6 +169,8 @@ class VQADataset(_MediaTextDataset):
     (frequency- or weight-proportional, as the release does), ``"most_common"`` takes the majority
     answer; the default is ``"sample"`` when ``train`` else ``"most_common"``.
     ``fraction``/``num_samples`` keep a seeded few-shot subset of the questions.
+    ``add_separator_token=True`` registers the separator in ``tokenizer`` itself (see
+    :func:`~epalm.data.text.add_separator_token`), so the model must use that same tokenizer.
     """
 
     task = "qa"
@@ -205,7 +210,9 @@ class VQADataset(_MediaTextDataset):
             add_bos=add_bos,
             modality=samples[0].modality if samples else "image",
         )
-        self.samples = [samples[i] for i in few_shot_indices(len(samples), fraction, num_samples=num_samples, seed=seed)]
+        self.samples = [
+            samples[i] for i in few_shot_indices(len(samples), fraction, num_samples=num_samples, seed=seed)
+        ]
         self.separator, self.question_mark = separator, question_mark
         if add_separator_token:
             _add_separator_token(tokenizer, separator, num_embeddings)
@@ -215,7 +222,10 @@ class VQADataset(_MediaTextDataset):
 
     @classmethod
     def from_name(cls, name: str, root: str | Path, split: str, tokenizer: Any, **kwargs: Any) -> VQADataset:
-        """Build from the release's ``data/`` layout, e.g. ``VQADataset.from_name("vqa_v2", "data", "karpathy_train", tok)``."""
+        """Build from the release's ``data/`` layout (:func:`load_samples`).
+
+        Example: ``VQADataset.from_name("vqa_v2", "data", "karpathy_train", tok, train=True)``.
+        """
         return cls(load_samples(name, root, split), tokenizer, split=split, **kwargs)
 
     def __len__(self) -> int:
@@ -244,6 +254,7 @@ class VQADataset(_MediaTextDataset):
                 **self._load_media(sample),
                 "question": sample.question,
                 "answers": list(sample.answers),
+                "answer_type": sample.answer_type,
             }
             answer = self.choose_answer(sample)
             prompt = vqa_prompt(sample.question, self.separator, question_mark=self.question_mark)
@@ -261,7 +272,8 @@ class CaptionDataset(_MediaTextDataset):
     With ``expand_captions`` (default: when ``train``) every (media, caption) pair is one item, as in
     the release; otherwise one item per media, whose target is a random caption when training and
     the first caption otherwise. ``fraction``/``num_samples`` subsample the items after expansion.
-    ``prompt`` is an optional task prompt placed before the caption (the release's default: none).
+    ``prompt`` is an optional task prompt placed before the caption, separated by a space (the
+    release's default: no prompt, so generation starts from BOS alone).
     """
 
     task = "caption"
@@ -311,7 +323,10 @@ class CaptionDataset(_MediaTextDataset):
 
     @classmethod
     def from_name(cls, name: str, root: str | Path, split: str, tokenizer: Any, **kwargs: Any) -> CaptionDataset:
-        """Build from the release's ``data/`` layout, e.g. ``CaptionDataset.from_name("coco", "data", "train", tok)``."""
+        """Build from the release's ``data/`` layout (:func:`load_samples`).
+
+        Example: ``CaptionDataset.from_name("coco", "data", "train", tok, train=True)``.
+        """
         return cls(load_samples(name, root, split), tokenizer, split=split, **kwargs)
 
     def __len__(self) -> int:
@@ -334,13 +349,17 @@ class CaptionDataset(_MediaTextDataset):
             elif sample.captions:
                 k = int(torch.randint(0, len(sample.captions), ())) if self.train else 0
                 caption = sample.captions[k]
-            item.update(self._encode(self.prompt, caption.strip() if caption is not None else None))
+            target = None
+            if caption is not None:  # after a task prompt, the caption follows a space (release: prompt + " " + t)
+                target = caption.strip()
+                if self.prompt and not self.prompt[-1].isspace():
+                    target = " " + target
+            item.update(self._encode(self.prompt, target))
             if caption is not None:
                 item["caption"] = caption
             return item
 
         return self._guard(sample, build)
-
 
 
 # --------------------------------------------------------------------------- named datasets
@@ -363,19 +382,25 @@ def load_samples(name: str, root: str | Path, split: str) -> list[QASample] | li
     """
     root = Path(root)
     if name == "vqa_v2":
-        return readers.read_vqa_karpathy(root / "vqa" / f"{split}.json", root / "COCO" / "images", vg_root=root / "VG" / "VG_100K")
+        return readers.read_vqa_karpathy(
+            root / "vqa" / f"{split}.json", root / "COCO" / "images", vg_root=root / "VG" / "VG_100K"
+        )
     if name == "vqa_v2_standard":
         sub = {"train": "train2014", "val": "val2014", "test": "test2015", "test-dev": "test-dev2015"}.get(split, split)
         q = root / "vqa" / f"v2_OpenEnded_mscoco_{sub}_questions.json"
         a = root / "vqa" / f"v2_mscoco_{sub}_annotations.json"
         return readers.read_vqa_v2(q, a if a.is_file() else None, root / "COCO" / "images")
     if name == "gqa":
-        q = _first_existing(root / "GQA" / "questions" / f"{split}_balanced_questions.json", root / "GQA" / f"{split}.json")
+        q = _first_existing(
+            root / "GQA" / "questions" / f"{split}_balanced_questions.json", root / "GQA" / f"{split}.json"
+        )
         return readers.read_gqa(q, root / "GQA" / "images")
     if name == "coco":
         return readers.read_coco_karpathy(root / "COCO" / "dataset_coco.json", root / "COCO" / "images", split)
     if name == "msrvtt_qa":
-        return readers.read_msrvtt_qa(root / "MSRVTT" / "annotation" / f"msrvtt_vqa_{split}.json", root / "MSRVTT" / "videos" / "all")
+        return readers.read_msrvtt_qa(
+            root / "MSRVTT" / "annotation" / f"msrvtt_vqa_{split}.json", root / "MSRVTT" / "videos" / "all"
+        )
     if name == "msvd_qa":
         mapping = root / "MSVD" / "youtube_mapping.txt"
         return readers.read_msvd_qa(
@@ -387,7 +412,9 @@ def load_samples(name: str, root: str | Path, split: str) -> list[QASample] | li
         release = root / "MSRVTT" / "annotation" / f"msrvtt_caption_{split}.json"
         if release.is_file():
             return readers.read_msrvtt_captions(release, root / "MSRVTT" / "videos" / "all")
-        info = _first_existing(root / "MSRVTT" / "train_val_videodatainfo.json", root / "MSRVTT" / "test_videodatainfo.json")
+        info = _first_existing(
+            root / "MSRVTT" / "train_val_videodatainfo.json", root / "MSRVTT" / "test_videodatainfo.json"
+        )
         return readers.read_msrvtt_captions(info, root / "MSRVTT" / "videos" / "all", split)
     if name == "audiocaps":
         release = root / "audiocaps" / "annotation" / f"audiocaps_caption_{split}.json"

@@ -108,8 +108,16 @@ class RandAugment:
     """
 
     OPS = (
-        "Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
-        "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
+        "Identity",
+        "AutoContrast",
+        "Equalize",
+        "Brightness",
+        "Sharpness",
+        "ShearX",
+        "ShearY",
+        "TranslateX",
+        "TranslateY",
+        "Rotate",
     )
 
     def __init__(self, n: int = 2, magnitude: float = 7, ops: Sequence[str] | None = None, p: float = 0.5) -> None:

@@ -174,7 +174,11 @@ def _answers_of(entry: dict, path: Path, where: str) -> tuple[list[str], list[fl
     if entry.get("answers") is not None:
         out = []
         for k, a in enumerate(_as_answers_list(entry["answers"], path, where)):
-            out.append(a if isinstance(a, str) else _text(_field(a, "answer", path, f"{where} answer {k}"), path, where, "answer"))
+            out.append(
+                a
+                if isinstance(a, str)
+                else _text(_field(a, "answer", path, f"{where} answer {k}"), path, where, "answer")
+            )
         return out, None
     if entry.get("label") is not None:
         label = entry["label"]
@@ -310,9 +314,7 @@ def read_vqa_karpathy(
                 media_path = vg / f"{img_id}.jpg"
         else:
             raise AnnotationError(f"{path}: {where} has no 'image' or 'img_id'")
-        samples.append(
-            QASample(qid, media_path.stem, media_path, question, answers, e.get("answer_type"), weights)
-        )
+        samples.append(QASample(qid, media_path.stem, media_path, question, answers, e.get("answer_type"), weights))
     return _finish(samples, check_files, "image")
 
 
@@ -558,7 +560,9 @@ def read_msrvtt_captions(
         for i, e in enumerate(data):
             where = f"entry {i}"
             media_path = root / _text(_field(e, "video", path, where), path, where, "video")
-            samples.append(CaptionSample(media_path.stem, media_path.stem, media_path, _captions_of(e, path, where), "video"))
+            samples.append(
+                CaptionSample(media_path.stem, media_path.stem, media_path, _captions_of(e, path, where), "video")
+            )
     else:
         raise AnnotationError(f"{path}: top level is neither a JSON object nor a list")
     return _finish(samples, check_files, "video")
@@ -587,7 +591,9 @@ def read_audiocaps(
         for i, e in enumerate(data):
             where = f"entry {i}"
             media_path = root / _text(_field(e, "audio", path, where), path, where, "audio")
-            samples.append(CaptionSample(media_path.stem, media_path.stem, media_path, _captions_of(e, path, where), "audio"))
+            samples.append(
+                CaptionSample(media_path.stem, media_path.stem, media_path, _captions_of(e, path, where), "audio")
+            )
         return _finish(samples, check_files, "audio")
 
     if not path.is_file():

@@ -102,7 +102,7 @@ def read_video_frames(
             return [picked.get(i, fallback) for i in wanted]
     except MediaError:
         raise
-    except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
+    except (av.error.FFmpegError, OSError, ValueError, RuntimeError) as e:
         raise MediaError(path, f"unreadable video ({type(e).__name__}: {e})") from e
 
 

@@ -236,6 +236,9 @@ def whisper_config_from_ct2(model: CT2Model, *, token_ids: dict[str, int] | None
     }
     if token_ids:
         ids.update({k: v for k, v in token_ids.items() if v is not None})
+    if max(ids.values()) >= vocab_size:  # not an OpenAI vocabulary: keep the ids in range
+        logger.warning("Whisper special token ids %s exceed vocab %d; using the last two ids", ids, vocab_size)
+        ids = {"eot": int(vocab_size) - 2, "sot": int(vocab_size) - 1}
     kwargs = dict(
         vocab_size=int(vocab_size),
         num_mel_bins=int(conv1.shape[1]),

@@ -1,0 +1,258 @@
+"""Paper recipes as data: one YAML file = model + data + training + evaluation.
+
+    model:  EPALMConfig fields (lm, encoder, variant, ...)
+    data:   DataConfig (dataset name, root, splits, media preprocessing, few-shot, feature cache)
+    train:  TrainConfig (epochs, batch_size, optim, mixed_precision, ...)
+    eval:   EvalConfig (metric, decoding)
+
+``epalm train configs/vqa_epalm.yaml train.epochs=1 data.root=/data`` overrides any key; an
+unknown or mistyped key is rejected naming it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import EPALMConfig
+from .evaluate import GenerationConfig
+from .train import TrainConfig, config_from_dict
+
+QA_METRIC = {"vqa_v2": "vqa", "vqa_v2_standard": "vqa", "gqa": "exact_match", "msrvtt_qa": "exact_match",
+             "msvd_qa": "exact_match"}
+CAPTION_DATASETS = {"coco", "msrvtt_caption", "audiocaps"}
+MODALITY = {"msrvtt_qa": "video", "msvd_qa": "video", "msrvtt_caption": "video", "audiocaps": "audio"}
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "vqa_v2"  # see epalm.data.load_samples
+    root: str = "data"
+    train_split: str = "karpathy_train"
+    eval_split: str = "karpathy_test"
+    eval_dataset: str | None = None  # out-of-distribution evaluation (e.g. train vqa_v2, evaluate gqa)
+    eval_root: str | None = None
+    fraction: float | None = None  # few-shot: 0.0012, 0.01, 0.1 (seeded)
+    num_samples: int | None = None
+    max_eval_samples: int | None = None
+    image_size: int = 224
+    mean: list[float] | None = None  # None: the release's normalisation
+    std: list[float] | None = None
+    augment: bool = True
+    num_frames: int | None = None  # video: 8 for QA, 16 for captioning
+    audio_features: str = "ast"  # "ast" | "whisper"
+    loss_on: str = "answer"  # "answer" | "all" (the release)
+    on_error: str = "raise"  # corrupt media: "raise" | "skip"
+    feature_cache: str | None = None  # directory of the frozen-encoder feature cache (used when augment is off)
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    metric: str | None = None  # None: from the dataset (vqa / exact_match / caption)
+    batch_size: int = 64
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    html_examples: int = 100
+
+
+@dataclass
+class RunConfig:
+    model: EPALMConfig = field(default_factory=EPALMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def task(self) -> str:
+        return "caption" if self.data.dataset in CAPTION_DATASETS else "qa"
+
+    def metric_kind(self) -> str:
+        if self.eval.metric:
+            return self.eval.metric
+        name = self.data.eval_dataset or self.data.dataset
+        return "caption" if name in CAPTION_DATASETS else QA_METRIC.get(name, "exact_match")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_keys(data: dict, cls: type, where: str) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+
+
+def run_config_from_dict(data: dict, source: str = "config") -> RunConfig:
+    data = copy.deepcopy(data or {})
+    _check_keys(data, RunConfig, source)
+    model = EPALMConfig.from_dict(data.get("model", {}), source=f"{source}: model")
+    _check_keys(data.get("data", {}), DataConfig, f"{source}: data")
+    ev = data.get("eval", {})
+    _check_keys(ev, EvalConfig, f"{source}: eval")
+    gen = ev.pop("generation", {})
+    _check_keys(gen, GenerationConfig, f"{source}: eval.generation")
+    return RunConfig(model=model, data=DataConfig(**data.get("data", {})),
+                     train=config_from_dict(data.get("train", {}), source=f"{source}: train"),
+                     eval=EvalConfig(generation=GenerationConfig(**gen), **ev))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``section.key=value`` strings (values parsed as YAML) applied to a config dict."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, value = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return data
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: invalid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the config must be a mapping with model/data/train/eval sections")
+    return run_config_from_dict(apply_overrides(data, overrides or []), source=str(path))
+
+
+# ------------------------------------------------------------------ building blocks
+def media_loader(cfg: RunConfig, for_cache: bool = False):
+    """The media loader of the configured modality (no augmentation when filling a feature cache)."""
+    from .data import AudioLoader, ImageLoader, VideoLoader
+    from .data.image import RELEASE_MEAN, RELEASE_STD
+
+    modality = MODALITY.get(cfg.data.dataset, "image")
+    mean, std = cfg.data.mean or RELEASE_MEAN, cfg.data.std or RELEASE_STD
+    augment = cfg.data.augment and not for_cache
+    if modality == "image":
+        return ImageLoader(cfg.data.image_size, mean, std, augment=augment)
+    if modality == "video":
+        frames = cfg.data.num_frames or (16 if cfg.task == "caption" else 8)
+        return VideoLoader(num_frames=frames, size=cfg.data.image_size, mean=mean, std=std, augment=augment)
+    return AudioLoader(cfg.data.audio_features, augment=augment)
+
+
+def preprocessing_fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    d = cfg.data
+    return {"modality": MODALITY.get(d.dataset, "image"), "image_size": d.image_size, "mean": d.mean,
+            "std": d.std, "num_frames": d.num_frames, "audio_features": d.audio_features}
+
+
+def build_datasets(cfg: RunConfig, tokenizer, feature_lookup=None):
+    """(train, eval) datasets of the recipe."""
+    from .data import CaptionDataset, VQADataset, load_samples
+
+    d = cfg.data
+    cls = CaptionDataset if cfg.task == "caption" else VQADataset
+    common = dict(on_error=d.on_error, loss_on=d.loss_on, feature_lookup=feature_lookup)
+    loader = None if feature_lookup is not None else media_loader(cfg)
+    train = cls(load_samples(d.dataset, d.root, d.train_split), tokenizer, split=d.train_split, train=True,
+                media_loader=loader, fraction=d.fraction, num_samples=d.num_samples, seed=d.seed, **common)
+    eval_name = d.eval_dataset or d.dataset
+    eval_cls = CaptionDataset if eval_name in CAPTION_DATASETS else VQADataset
+    eval_samples = load_samples(eval_name, d.eval_root or d.root, d.eval_split)
+    evaluation = eval_cls(eval_samples, tokenizer, split=d.eval_split, train=False, media_loader=loader,
+                          num_samples=d.max_eval_samples, seed=d.seed, **common)
+    return train, evaluation
+
+
+def load_tokenizer(cfg: RunConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.model.lm)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_feature_cache(cfg: RunConfig, encoder, datasets, progress: bool = True):
+    """Fill (or reuse, after checking its fingerprint) the frozen-encoder cache for ``datasets``."""
+    from .feature_cache import FeatureCache, IncompleteCacheError, encoder_fingerprint
+
+    path = Path(cfg.data.feature_cache)
+    fingerprint = encoder_fingerprint(encoder, cfg.model.encoder, preprocessing_fingerprint(cfg),
+                                      all_tokens=bool(cfg.model.all_patch_tokens))
+    try:
+        return FeatureCache.open(path, fingerprint)  # a stale cache raises StaleCacheError: never reused
+    except (FileNotFoundError, IncompleteCacheError):
+        pass
+    loader = media_loader(cfg, for_cache=True)
+    items = {}
+    for ds in datasets:
+        for sample in ds.samples:
+            items.setdefault(str(sample.media_id), sample.media_path)
+    return FeatureCache.build(path, encoder, ((mid, (lambda p=p: loader(p, False))) for mid, p in items.items()),
+                              fingerprint, batch_size=cfg.eval.batch_size, progress=progress, resume=True)
+
+
+def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train the recipe; evaluate each epoch; keep ``best/``; write curves, predictions and HTML."""
+    from .data import make_collate_fn
+    from .io import atomic_write_json
+    from .model import EPALM
+    from .train import Trainer
+
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "run_config.json", cfg.to_dict())
+    tokenizer = load_tokenizer(cfg)
+    model = EPALM.from_config(cfg.model)
+    lookup = None
+    if cfg.data.feature_cache and not cfg.data.augment:
+        train_plain, eval_plain = build_datasets(cfg, tokenizer)
+        lookup = build_feature_cache(cfg, model.encoder, [train_plain, eval_plain], progress)
+    train_ds, eval_ds = build_datasets(cfg, tokenizer, feature_lookup=lookup)
+    collate = make_collate_fn(tokenizer)
+
+    def evaluate(m, epoch):
+        return evaluate_and_write(cfg, m, eval_ds, collate, tokenizer, out / f"eval_epoch{epoch}", progress)
+
+    trainer = Trainer(model, train_ds, collate, cfg.train, evaluate=evaluate)
+    state = trainer.train(resume=resume)
+    return state
+
+
+def evaluate_and_write(cfg: RunConfig, model, dataset, collate, tokenizer, out_dir: Path,
+                       progress: bool = True, accelerator=None) -> dict[str, Any]:
+    from .evaluate import predict, score, write_examples_html, write_predictions
+
+    rows = predict(model, dataset, collate, tokenizer, cfg.eval.generation, cfg.eval.batch_size,
+                   accelerator=accelerator, progress=progress)
+    kind = cfg.metric_kind()
+    scores = score(kind, rows)
+    if accelerator is None or accelerator.is_main_process:
+        write_predictions(out_dir, kind, rows, scores)
+        paths = {s.id: str(s.media_path) for s in getattr(dataset, "samples", [])}
+        write_examples_html(out_dir / "examples.html", rows, paths, limit=cfg.eval.html_examples)
+    return scores
+
+
+def run_eval(cfg: RunConfig, checkpoint: str | Path, out_dir: str | Path | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Evaluate a saved model (``save_pretrained`` folder) on the recipe's evaluation split."""
+    from .data import make_collate_fn
+    from .model import EPALM
+
+    model = EPALM.from_pretrained(checkpoint)
+    cfg = dataclasses.replace(cfg, model=model.config)
+    tokenizer = load_tokenizer(cfg)
+    _, eval_ds = build_datasets(cfg, tokenizer)
+    out = Path(out_dir or Path(checkpoint) / "eval")
+    return evaluate_and_write(cfg, model, eval_ds, make_collate_fn(tokenizer), tokenizer, out, progress)
