@@ -133,28 +133,53 @@ class PeakMemory:
         self.maxrss_growth_mb = grown / 1024
 
 
-def time_it(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> dict:
-    """Run ``fn`` ``warmup`` times, then time ``repeats`` runs; milliseconds, with peak memory."""
-    for _ in range(warmup):
-        fn()
+def time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call, synchronised on CUDA."""
     sync(device)
-    runs = []
-    with PeakMemory(device) as mem:
-        for _ in range(repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            runs.append((time.perf_counter() - t0) * 1e3)
-    result = {
-        "median_ms": statistics.median(runs),
-        "min_ms": min(runs),
-        "max_ms": max(runs),
-        "peak_mem_mb": mem.peak_mb,
-    }
-    if device.type != "cuda":
-        result["maxrss_growth_mb"] = mem.maxrss_growth_mb
-    return result
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(contenders: dict[str, Callable[[], object]], device: torch.device, warmup: int,
+                     repeats: int) -> dict[str, dict]:
+    """Time several functions round-robin so that load drifts (shared machines) hit all alike.
+
+    Each contender is warmed up ``warmup`` times, then round ``r`` runs every contender once, in
+    an order rotated by ``r``. Peak memory comes from one more, untimed call of each (the CPU
+    sampler thread would otherwise compete for the GIL with the timed code).
+    """
+    names = list(contenders)
+    for name in names:
+        for _ in range(warmup):
+            contenders[name]()
+    runs: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            runs[name].append(time_once(contenders[name], device))
+    results = {}
+    for name in names:
+        with PeakMemory(device) as mem:
+            contenders[name]()
+        results[name] = {
+            "median_ms": statistics.median(runs[name]),
+            "min_ms": min(runs[name]),
+            "max_ms": max(runs[name]),
+            "runs_ms": runs[name],
+            "peak_mem_mb": mem.peak_mb,
+        }
+        if device.type != "cuda":
+            results[name]["maxrss_growth_mb"] = mem.maxrss_growth_mb
+    return results
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def safe_name(name: str) -> str:

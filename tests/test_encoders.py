@@ -88,8 +88,10 @@ def test_framewise_video_averages_frames():
     out = FrameWiseEncoder(enc)(video)
     expected = torch.stack([enc(video[:, t]) for t in range(4)], 1).mean(1)
     torch.testing.assert_close(out, expected)
+    images = torch.randn(2, 3, 16, 16)  # images are one-frame videos: train on images, answer about videos
+    torch.testing.assert_close(FrameWiseEncoder(enc)(images), enc(images))
     with pytest.raises(ValueError, match="video must be"):
-        FrameWiseEncoder(enc)(torch.randn(2, 3, 16, 16))
+        FrameWiseEncoder(enc)(torch.randn(3, 16, 16))
 
 
 def test_all_tokens_for_magma_star():

@@ -61,7 +61,7 @@ class EPALMConfig:
     inject_end: int | None = None
     text_step: int = 1
     loss_reduction: str = "mean"  # "mean" over labelled tokens | "official": sum per sample / B * 0.1
-    lm_kwargs: dict = field(default_factory=dict)  # e.g. {"torch_dtype": "bfloat16"}
+    lm_kwargs: dict = field(default_factory=dict)  # e.g. {"dtype": "bfloat16"}
     encoder_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

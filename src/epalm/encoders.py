@@ -158,7 +158,8 @@ class FrameWiseEncoder(nn.Module):
     """Any image encoder applied to each frame of a video; tokens averaged over time.
 
     Lets an image-trained eP-ALM answer questions about videos zero-shot (paper Table 6).
-    Input ``(batch, frames, channels, height, width)``.
+    Input ``(batch, frames, channels, height, width)``; a batch of images ``(batch, C, H, W)`` is a
+    one-frame video, so the same model trains on images and answers about videos.
     """
 
     modality = "video"
@@ -171,6 +172,8 @@ class FrameWiseEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, video: torch.Tensor, all_tokens: bool = False) -> torch.Tensor:
+        if video.ndim == 4:
+            video = video.unsqueeze(1)
         if video.ndim != 5:
             raise ValueError(f"video must be (batch, frames, channels, height, width), got {tuple(video.shape)}")
         b, t = video.shape[:2]

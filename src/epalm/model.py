@@ -114,8 +114,9 @@ class EPALM(nn.Module):
 
         lm_kwargs = dict(config.lm_kwargs)
         lm_kwargs.setdefault("attn_implementation", "sdpa")
-        if isinstance(lm_kwargs.get("torch_dtype"), str):
-            lm_kwargs["torch_dtype"] = getattr(torch, lm_kwargs["torch_dtype"])
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(lm_kwargs.get(key), str):
+                lm_kwargs[key] = getattr(torch, lm_kwargs[key])
         lm = AutoModelForCausalLM.from_pretrained(config.lm, **lm_kwargs)
         encoder = load_encoder(config.encoder, num_layers=config.num_encoder_layers, **config.encoder_kwargs)
         model = cls(lm, encoder, config)

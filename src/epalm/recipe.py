@@ -133,18 +133,19 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
 
 
 # ------------------------------------------------------------------ building blocks
-def media_loader(cfg: RunConfig, for_cache: bool = False):
-    """The media loader of the configured modality (no augmentation when filling a feature cache)."""
+def media_loader(cfg: RunConfig, for_cache: bool = False, dataset: str | None = None):
+    """The media loader of ``dataset``'s modality (no augmentation when filling a feature cache)."""
     from .data import AudioLoader, ImageLoader, VideoLoader
     from .data.image import RELEASE_MEAN, RELEASE_STD
 
-    modality = MODALITY.get(cfg.data.dataset, "image")
+    dataset = dataset or cfg.data.dataset
+    modality = MODALITY.get(dataset, "image")
     mean, std = cfg.data.mean or RELEASE_MEAN, cfg.data.std or RELEASE_STD
     augment = cfg.data.augment and not for_cache
     if modality == "image":
         return ImageLoader(cfg.data.image_size, mean, std, augment=augment)
     if modality == "video":
-        frames = cfg.data.num_frames or (16 if cfg.task == "caption" else 8)
+        frames = cfg.data.num_frames or (16 if dataset in CAPTION_DATASETS else 8)
         return VideoLoader(num_frames=frames, size=cfg.data.image_size, mean=mean, std=std, augment=augment)
     return AudioLoader(cfg.data.audio_features, augment=augment)
 
@@ -168,7 +169,8 @@ def build_datasets(cfg: RunConfig, tokenizer, feature_lookup=None):
     eval_name = d.eval_dataset or d.dataset
     eval_cls = CaptionDataset if eval_name in CAPTION_DATASETS else VQADataset
     eval_samples = load_samples(eval_name, d.eval_root or d.root, d.eval_split)
-    evaluation = eval_cls(eval_samples, tokenizer, split=d.eval_split, train=False, media_loader=loader,
+    eval_loader = None if feature_lookup is not None else media_loader(cfg, dataset=eval_name)
+    evaluation = eval_cls(eval_samples, tokenizer, split=d.eval_split, train=False, media_loader=eval_loader,
                           num_samples=d.max_eval_samples, seed=d.seed, **common)
     return train, evaluation
 

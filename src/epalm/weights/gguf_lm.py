@@ -80,7 +80,6 @@ def _write_converted_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype) ->
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype)
     _drop_quantization(model)
-    model.config._name_or_path = gguf_path.stem
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
