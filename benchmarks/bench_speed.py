@@ -212,6 +212,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="JSON result file (default benchmarks/out/speed-<lm>-<device>.json)")
     args = ap.parse_args(argv)
     if args.tiny:
+        args.threads = args.threads or 1  # tiny ops: OpenMP threads only add contention
         args.lm = TINY_LM
         args.batch, args.seq, args.new_tokens = min(args.batch, 4), min(args.seq, 12), min(args.new_tokens, 2)
         args.repeats, args.warmup = min(args.repeats, 2), min(args.warmup, 1)

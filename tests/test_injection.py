@@ -139,3 +139,25 @@ def test_mask_builder_semantics():
     assert official[0].all()  # the release's unmasked visual-token row, padding included
     last = build_attention_mask(mask2d, 1, 1, slots_visible=True, mode="causal", dtype=torch.float32)
     assert last.shape == (1, 1, 1, 5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", MODES)
+def test_reusing_text_states_skips_lower_layers_exactly(family, mode, pixels, text):
+    ids, mask = text
+    model = make(family, "lin", mode, inject_start=2, inject_end=4)
+    states = model.text_states(ids, mask)
+    assert states.shape == (3, 1 + ids.shape[1], 32)
+    calls = []
+    hook = model.engine.anatomy.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    fast = model(pixels, ids, mask, text_states=states)
+    hook.remove()
+    assert not calls  # layer 0 did not run
+    full = model(pixels, ids, mask)
+    torch.testing.assert_close(fast.logits, full.logits, rtol=1e-5, atol=1e-5)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad(fast.logits.sum(), trainable), torch.autograd.grad(full.logits.sum(), trainable)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert len(model.engine.anatomy.decoder.get_submodule(model.engine.anatomy.layers_attr)) == 4  # restored
+    with pytest.raises(ValueError, match="trains parameters below the first injected layer"):
+        make(family, "epalm").text_states(ids, mask)

@@ -93,8 +93,11 @@ def predict(
     return list(seen.values())
 
 
-def score(kind: str, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """``kind``: "vqa" (official VQA accuracy), "exact_match" (GQA, video QA), "caption" (COCO metrics)."""
+def score(kind: str, rows: Sequence[dict[str, Any]], caption_metrics: Sequence[str] | None = None) -> dict[str, Any]:
+    """``kind``: "vqa" (official VQA accuracy), "exact_match" (GQA, video QA), "caption" (COCO metrics).
+
+    ``caption_metrics``: a subset of BLEU, METEOR, ROUGE_L, CIDEr, SPICE (default: all of them).
+    """
     from . import metrics
 
     if kind == "vqa":
@@ -107,20 +110,25 @@ def score(kind: str, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         acc = metrics.exact_match_accuracy([r["prediction"] for r in rows], [r["answers"] for r in rows])
         return {"score": acc, "accuracy": acc}
     if kind == "caption":
+        extra = {"metrics": list(caption_metrics)} if caption_metrics else {}
         result = metrics.caption_scores({r["sample_id"]: r["prediction"] for r in rows},
-                                        {r["sample_id"]: r["references"] for r in rows})
+                                        {r["sample_id"]: r["references"] for r in rows}, **extra)
         return {"score": result.get("CIDEr"), **result}
     raise ValueError(f"unknown metric kind {kind!r}: use 'vqa', 'exact_match' or 'caption'")
 
 
 def write_predictions(out_dir: Path, kind: str, rows: Sequence[dict[str, Any]], scores: dict) -> None:
-    """Official formats: VQA ``[{question_id, answer}]``, COCO ``[{image_id, caption}]``; plus metrics.json."""
+    """Official formats: VQA ``[{question_id, answer}]``, COCO ``[{image_id, caption}]``; plus metrics.json.
+
+    ``image_id`` is the sample id (COCO: the integer ``cocoid`` the evaluation server expects; MSR-VTT:
+    the video id; AudioCaps: the clip's stem), not the media file's stem.
+    """
     from . import metrics
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if kind == "caption":
         metrics.write_caption_predictions(out_dir / "predictions.json",
-                                          {r["media_id"]: r["prediction"] for r in rows})
+                                          {r["sample_id"]: r["prediction"] for r in rows})
     else:
         metrics.write_vqa_predictions(out_dir / "predictions.json",
                                       {r["sample_id"]: r["prediction"] for r in rows})

@@ -106,6 +106,7 @@ class LMAnatomy:
     lm: nn.Module
     decoder: nn.Module  # owner of the layer stack (OPTDecoder, GPT2Model, LlamaModel, ...)
     layers: nn.ModuleList
+    layers_attr: str  # attribute of ``decoder`` holding ``layers``
     hidden_size: int
     position_rule: Literal["text", "text_clamped", "consecutive"]
     layer_types: list[str] | None
@@ -141,7 +142,8 @@ class LMAnatomy:
         layer_types = getattr(cfg, "layer_types", None)
         window = getattr(cfg, "sliding_window", None)
         hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
-        return cls(lm, decoder, layers, hidden, rule, list(layer_types) if layer_types else None, window)
+        return cls(lm, decoder, layers, name.rsplit(".", 1)[-1], hidden, rule,
+                   list(layer_types) if layer_types else None, window)
 
     def is_sliding(self, layer_idx: int) -> bool:
         return bool(self.layer_types and self.sliding_window and self.layer_types[layer_idx] == "sliding_attention")
@@ -159,6 +161,10 @@ def position_ids_for(mask2d: torch.Tensor, prefix_len: int, rule: str) -> torch.
     return torch.cat([prefix_pos, text_pos], dim=1)
 
 
+class StopForward(Exception):
+    """Raised by the hook at the first injected layer when only its input was wanted."""
+
+
 # ---------------------------------------------------------------------------- per-call state
 @dataclass
 class InjectionState:
@@ -168,6 +174,10 @@ class InjectionState:
     prompt: torch.Tensor | None  # (B, P, d) written at layer 0
     deep_prompts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, P, d)
     mode: AttentionMode = "causal"
+    # reuse of the media-independent layers below the first injected one (see EPALM.text_states)
+    start_hidden: torch.Tensor | None = None  # given: the input of the first injected layer
+    capture: bool = False  # capture that input and stop the forward there
+    captured: torch.Tensor | None = None
     # filled per forward by the decoder pre-hook
     _masks: dict = field(default_factory=dict)
     _past: int = 0
@@ -322,6 +332,13 @@ class InjectionEngine:
             call = _CallArgs(self._layer_params, args, kwargs)
             hidden = call.get("hidden_states")
             batch = hidden.shape[0]
+            if state._past == 0 and idx == self.inject_start:
+                if state.capture:
+                    state.captured = hidden.detach()
+                    raise StopForward
+                if state.start_hidden is not None:
+                    hidden = state.expand("start_hidden", state.start_hidden, batch).to(hidden.dtype)
+                    call.set("hidden_states", hidden)
             if state._past == 0:
                 s, p = state.num_slots, state.prompt_len
                 pieces = None

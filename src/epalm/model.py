@@ -11,6 +11,7 @@ the LM, like PEFT adapters.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -28,6 +29,7 @@ from .injection import (
     InjectionEngine,
     InjectionState,
     LMAnatomy,
+    StopForward,
     attach_adapters,
     default_injection_range,
     injection_schedule,
@@ -266,10 +268,13 @@ class EPALM(nn.Module):
         features: torch.Tensor | None = None,
         return_logits: bool = True,
         media: torch.Tensor | None = None,
+        text_states: torch.Tensor | None = None,
     ) -> EPALMOutput:
         """Next-token loss on ``labels`` (HF convention: aligned with ``input_ids``, -100 ignored).
 
         ``return_logits=False`` skips the LM head except where the loss needs it (training).
+        ``text_states``: ``self.text_states(input_ids, attention_mask)`` computed earlier; the
+        frozen layers below the first injected one are then skipped.
         """
         if input_ids is None:
             raise ValueError("input_ids is required")
@@ -278,7 +283,8 @@ class EPALM(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         state = self.injection_state(media, features, input_ids.shape[0])
         ids, mask = self._with_prefix(state, input_ids, attention_mask)
-        with self.engine.active(state):
+        state.start_hidden = text_states
+        with self.engine.active(state), self._only_upper_layers(text_states is not None):
             out = self.engine.anatomy.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
         hidden = out.last_hidden_state[:, state.prefix_len:]  # (B, T, d)
         result = EPALMOutput()
@@ -301,6 +307,53 @@ class EPALM(nn.Module):
             else:
                 result.loss = ce.sum() / valid.sum().clamp(min=1)
         return result
+
+    # ------------------------------------------------------------------ reuse of the lower layers
+    def _check_text_states_reusable(self) -> None:
+        if self.prompt is not None or self.deep_prompt is not None or self.adapters is not None:
+            raise ValueError(
+                f"variant {self.config.variant!r} trains parameters below the first injected layer (soft "
+                "prompt or adapters), so the lower layers' states change during training: text_states "
+                "can only be reused by variants without them (lin, or epalm with prompt_len=0)")
+        if self.engine.anatomy.layer_types is not None:
+            raise ValueError("text_states reuse is not supported for LMs with per-layer attention types "
+                             f"({type(self.lm).__name__}): their decoder indexes layers by position")
+
+    @torch.no_grad()
+    def text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The input of the first injected layer, ``(B, L + T, d)``: it depends only on the text.
+
+        The perceptual token is invisible below the first injected layer, so these states are the
+        same for every image; compute them once per distinct question and pass them to ``forward``.
+        """
+        self._check_text_states_reusable()
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        b = input_ids.shape[0]
+        w = self.connector.linears[0].weight
+        state = InjectionState(tokens=w.new_zeros(b, self.num_visual_levels, 1, w.shape[0]), prompt=None,
+                               mode=self.config.attention, capture=True)
+        ids, mask = self._with_prefix(state, input_ids, attention_mask)
+        try:
+            with self.engine.active(state):
+                self.engine.anatomy.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+        except StopForward:
+            pass
+        return state.captured
+
+    @contextlib.contextmanager
+    def _only_upper_layers(self, enabled: bool):
+        """Temporarily hand the decoder only the layers from the first injected one on."""
+        if not enabled:
+            yield
+            return
+        self._check_text_states_reusable()
+        anatomy = self.engine.anatomy
+        setattr(anatomy.decoder, anatomy.layers_attr, nn.ModuleList(list(anatomy.layers)[self.inject_start:]))
+        try:
+            yield
+        finally:
+            setattr(anatomy.decoder, anatomy.layers_attr, anatomy.layers)
 
     @torch.no_grad()
     def generate(

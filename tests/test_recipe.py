@@ -1,0 +1,313 @@
+"""End-to-end tests of the paper recipes (``epalm.recipe`` through ``epalm.cli``) on fixture data.
+
+Everything runs on CPU in seconds: a tiny BPE tokenizer trained on the fixture text is saved with a
+tiny random OPT into one local folder (the recipe loads it with ``AutoTokenizer`` /
+``AutoModelForCausalLM.from_pretrained``), tiny ViT / TimeSformer / AST encoders are saved to
+folders, and the data root holds VQA v2 (Karpathy), COCO captions, MSRVTT-QA and AudioCaps in the
+release's ``data/`` layout (flat-colour 16 px JPEGs, 2-4 frame mpeg4 videos, 1 s WAVs).
+
+Also covered: ``epalm eval`` / ``epalm predict`` on the best checkpoint, the feature cache
+(``epalm cache-features``; training with it equals training without; a changed preprocessing
+is refused naming the field), exact resume through ``--resume``, and 2-process CPU DDP (gloo):
+same weights as one process with the same global batch, and distributed evaluation that returns
+every sample exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from epalm import cli
+
+torch.set_num_threads(1)
+
+try:
+    import av
+except ImportError:  # pragma: no cover
+    av = None
+try:
+    import soundfile as sf
+except ImportError:  # pragma: no cover
+    sf = None
+needs_av = pytest.mark.skipif(av is None, reason="PyAV (pip install av) is not installed")
+needs_sf = pytest.mark.skipif(sf is None, reason="soundfile (pip install soundfile) is not installed")
+
+# =========================================================================== fixture data
+
+COLOURS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+QUESTION = "what color is it?"
+VIDEO_QUESTION = "what color is the video?"
+CAPTIONS = {name: [f"a {name} square", f"the picture is {name}", f"a flat {name} image"] for name in COLOURS}
+SOUNDS = {"low": 220.0, "high": 1760.0}
+SOUND_CAPTIONS = {"low": ["a low hum", "a deep low tone"], "high": ["a high beep", "a sharp high tone"]}
+
+
+def write_image(path: Path, rgb, size: int = 16, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(rgb, np.float32) + rng.normal(0, 6, (size, size, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(arr).save(path, format="JPEG", quality=95)
+    return path
+
+
+def write_video(path: Path, rgb, n_frames: int = 3, size: int = 16) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(n_frames):
+            arr = np.clip(np.array(rgb, np.int32) + 8 * i, 0, 255).astype(np.uint8)
+            frame = av.VideoFrame.from_ndarray(np.broadcast_to(arr, (size, size, 3)).copy(), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_wav(path: Path, freq: float, seconds: float = 1.0, sr: int = 16000) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(seconds * sr)) / sr
+    sf.write(str(path), (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), sr)
+    return path
+
+
+def write_json(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj), encoding="utf-8")
+    return path
+
+
+def coco_name(split: str, n: int) -> str:
+    return f"COCO_{split}_{n:012d}.jpg"
+
+
+def build_data(root: Path, n_train: int = 24, n_test: int = 12) -> dict:
+    """The release's ``data/`` tree: VQA v2 Karpathy, COCO Karpathy captions, MSRVTT-QA, AudioCaps."""
+    names = list(COLOURS)
+    info: dict = {"root": root}
+    # ---- VQA v2, Karpathy split (ALBEF style) + COCO images
+    train, test = [], []
+    for i in range(n_train):
+        c = names[i % len(names)]
+        write_image(root / "COCO/images/train2014" / coco_name("train2014", i + 1), COLOURS[c], seed=i)
+        train.append({"question_id": 1000 + i, "question": QUESTION, "answer": [c],
+                      "image": f"train2014/{coco_name('train2014', i + 1)}", "dataset": "vqa"})
+    for i in range(n_test):
+        c = names[i % len(names)]
+        write_image(root / "COCO/images/val2014" / coco_name("val2014", i + 1), COLOURS[c], seed=100 + i)
+        answers = [c] * 9 + [names[(i + 1) % len(names)]]  # 10 annotators, one disagrees
+        test.append({"question_id": 2000 + i, "question": QUESTION, "answer": answers,
+                     "image": f"val2014/{coco_name('val2014', i + 1)}", "dataset": "vqa",
+                     "answer_type": "other"})
+    write_json(root / "vqa/karpathy_train.json", train)
+    write_json(root / "vqa/karpathy_test.json", test)
+    info["vqa_test_image"] = root / "COCO/images/val2014" / coco_name("val2014", 1)
+    info["vqa_test_colour"] = names[0]
+    # ---- COCO captions (Karpathy dataset_coco.json) over the same images
+    images = []
+    for i in range(n_train):
+        c = names[i % len(names)]
+        images.append({"filepath": "train2014", "filename": coco_name("train2014", i + 1),
+                       "split": "train" if i % 2 else "restval", "cocoid": 1 + i,
+                       "sentences": [{"raw": s} for s in CAPTIONS[c]]})
+    for i in range(8):
+        c = names[i % len(names)]
+        images.append({"filepath": "val2014", "filename": coco_name("val2014", i + 1), "split": "test",
+                       "cocoid": 500 + i, "sentences": [{"raw": s} for s in CAPTIONS[c]]})
+    write_json(root / "COCO/dataset_coco.json", {"images": images})
+    # ---- MSRVTT-QA (official format: video_id N -> videoN.mp4)
+    if av is not None:
+        for split, ids in (("train", range(0, 8)), ("test", range(8, 13))):
+            rows = []
+            for vid in ids:
+                c = names[vid % 2]  # red / green
+                write_video(root / "MSRVTT/videos/all" / f"video{vid}.mp4", COLOURS[c], n_frames=2 + vid % 3)
+                rows.append({"question": VIDEO_QUESTION, "answer": c, "video_id": vid, "id": 3000 + vid})
+            write_json(root / f"MSRVTT/annotation/msrvtt_vqa_{split}.json", rows)
+    # ---- AudioCaps (official CSV, rows grouped per clip)
+    if sf is not None:
+        for split, n in (("train", 6), ("test", 3)):
+            rows = []
+            for k in range(n):
+                kind = list(SOUNDS)[k % 2]
+                yid = f"{split}{k:02d}{kind}"
+                write_wav(root / "audiocaps/audios" / split / f"{yid}.wav", SOUNDS[kind])
+                for j, cap in enumerate(SOUND_CAPTIONS[kind]):
+                    rows.append({"audiocap_id": len(rows) + 1, "youtube_id": yid, "start_time": 30, "caption": cap})
+            path = root / "audiocaps/dataset" / f"{split}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["audiocap_id", "youtube_id", "start_time", "caption"])
+                w.writeheader()
+                w.writerows(rows)
+    return info
+
+
+def fixture_corpus() -> list[str]:
+    text = [QUESTION, VIDEO_QUESTION, "</a>", *COLOURS]
+    for caps in (*CAPTIONS.values(), *SOUND_CAPTIONS.values()):
+        text += caps
+    return text * 20
+
+
+# =========================================================================== tiny models
+
+
+def build_models(root: Path, corpus: list[str]) -> dict[str, str]:
+    """Tokenizer + OPT in one folder; ViT, TimeSformer and AST folders. Returns their paths."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        ASTConfig,
+        ASTModel,
+        OPTConfig,
+        OPTForCausalLM,
+        PreTrainedTokenizerFast,
+        TimesformerConfig,
+        TimesformerModel,
+        ViTConfig,
+        ViTModel,
+    )
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    lm_dir = root / "tiny-opt"
+    tokenizer.save_pretrained(lm_dir)
+
+    torch.manual_seed(0)
+    lm = OPTForCausalLM(OPTConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4, ffn_dim=64, num_attention_heads=4,
+        max_position_embeddings=128, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id))
+    with torch.no_grad():
+        for p in lm.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.4)  # so the tiny LM's logits respond to its prefix (see epalm.tiny)
+    lm.generation_config.pad_token_id = tokenizer.pad_token_id
+    lm.save_pretrained(lm_dir)
+
+    small = dict(hidden_size=24, num_hidden_layers=3, num_attention_heads=2, intermediate_size=48,
+                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(1)
+    vit = ViTModel(ViTConfig(image_size=16, patch_size=8, **small), add_pooling_layer=False)
+    vit.save_pretrained(root / "tiny-vit")
+    torch.manual_seed(2)
+    TimesformerModel(TimesformerConfig(image_size=16, patch_size=8, num_frames=2, **small)).save_pretrained(
+        root / "tiny-timesformer")
+    # the recipe's AudioLoader gives the release's (1024 frames, 128 mel bins) fbanks: keep that
+    # input shape, make it cheap with non-overlapping 16x16 patches (8 x 64 = 512 tokens)
+    torch.manual_seed(3)
+    ASTModel(ASTConfig(num_mel_bins=128, max_length=1024, patch_size=16, frequency_stride=16, time_stride=16,
+                       **small)).save_pretrained(root / "tiny-ast")
+    return {"lm": str(lm_dir), "vit": str(root / "tiny-vit"), "timesformer": str(root / "tiny-timesformer"),
+            "ast": str(root / "tiny-ast")}
+
+
+def build_assets(base: Path) -> dict:
+    info = build_data(base / "data")
+    info["models"] = build_models(base / "models", fixture_corpus())
+    info["base"] = base
+    return info
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict:
+    return build_assets(tmp_path_factory.mktemp("recipe"))
+
+
+# =========================================================================== configs
+
+FAST_OPTIM = {"lr": 3e-2, "warmup_lr": 1e-2, "min_lr": 3e-3, "prompt_lr": 1e-2, "weight_decay": 0.0}
+
+
+def recipe(assets: dict, task: str, out: Path, **sections) -> dict:
+    """A recipe dict for ``task`` (vqa | coco | msrvtt_qa | audiocaps) on the fixture data."""
+    m = assets["models"]
+    encoder = {"vqa": m["vit"], "coco": m["vit"], "msrvtt_qa": m["timesformer"], "audiocaps": m["ast"]}[task]
+    data = {"vqa": {"dataset": "vqa_v2", "train_split": "karpathy_train", "eval_split": "karpathy_test"},
+            "coco": {"dataset": "coco", "train_split": "train", "eval_split": "test"},
+            "msrvtt_qa": {"dataset": "msrvtt_qa", "train_split": "train", "eval_split": "test", "num_frames": 2},
+            "audiocaps": {"dataset": "audiocaps", "train_split": "train", "eval_split": "test"}}[task]
+    cfg = {
+        "model": {"lm": m["lm"], "encoder": encoder, "variant": "epalm", "num_encoder_layers": 2,
+                  "prompt_len": 4},
+        "data": {"root": str(assets["root"]), "image_size": 16, "augment": False, **data},
+        "train": {"output_dir": str(out), "epochs": 2, "batch_size": 8, "log_every": 1, "cpu": True,
+                  "seed": 0, "optim": dict(FAST_OPTIM)},
+        "eval": {"batch_size": 16, "html_examples": 5,
+                 "generation": {"max_new_tokens": 4 if task in ("vqa", "msrvtt_qa") else 6, "num_beams": 1}},
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def train_losses(run: Path) -> list[float]:
+    with (run / "metrics.csv").open() as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def trainable(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "epalm_weights.safetensors"))
+
+
+def check_run_outputs(run: Path, kind: str, epochs: int) -> dict:
+    """The files every recipe run must leave; returns the metrics of the best epoch."""
+    losses = train_losses(run)
+    k = max(1, len(losses) // 4)
+    assert np.mean(losses[-k:]) < np.mean(losses[:k]), losses
+    for e in range(epochs):
+        ev = run / f"eval_epoch{e}"
+        metrics = json.loads((ev / "metrics.json").read_text())
+        assert "score" in metrics
+        preds = json.loads((ev / "predictions.json").read_text())
+        assert isinstance(preds, list) and preds
+        keys = {"question_id", "answer"} if kind == "qa" else {"image_id", "caption"}
+        assert all(set(p) == keys for p in preds), preds[:3]
+        assert all(isinstance(p[next(iter(keys - {"question_id", "image_id"}))], str) for p in preds)
+        html = (ev / "examples.html").read_text()
+        assert html.startswith("<!doctype html>") and "<table>" in html
+    assert (run / "curves.png").stat().st_size > 1000
+    assert (run / "best" / "epalm_config.json").is_file()
+    assert (run / "best" / "epalm_weights.safetensors").is_file()
+    best = json.loads((run / "best" / "metrics.json").read_text())
+    return best
