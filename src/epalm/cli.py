@@ -54,7 +54,13 @@ def _predict(args: argparse.Namespace) -> int:
     model = EPALM.from_pretrained(args.checkpoint)
     dataset = {"image": "coco", "video": "msrvtt_qa", "audio": "audiocaps"}[
         "image" if args.image else "video" if args.video else "audio"]
-    cfg = RunConfig(model=model.config, data=DataConfig(dataset=dataset, image_size=args.image_size))
+    # preprocess as in training: RUN/run_config.json sits next to RUN/best and RUN/checkpoint
+    run_config = Path(args.checkpoint).parent / "run_config.json"
+    trained = json.loads(run_config.read_text()).get("data", {}) if run_config.is_file() else {}
+    encoder_size = getattr(getattr(model.encoder, "image_encoder", model.encoder), "image_size", None)
+    size = args.image_size or trained.get("image_size") or (encoder_size[0] if encoder_size else 224)
+    keep = {k: trained[k] for k in ("mean", "std", "num_frames", "audio_features") if trained.get(k) is not None}
+    cfg = RunConfig(model=model.config, data=DataConfig(dataset=dataset, image_size=size, **keep))
     tokenizer = load_tokenizer(cfg)
     media = media_loader(cfg, for_cache=True)(media_path, False).unsqueeze(0)
     prompt = vqa_prompt(args.prompt) if args.prompt else ""
@@ -116,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--video")
     group.add_argument("--audio")
     p.add_argument("--prompt", default="", help="the question (empty: caption)")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="default: the training run's data.image_size, else the encoder's input size")
     p.add_argument("--num-beams", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=10)
     p.set_defaults(func=_predict)
@@ -138,7 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except Exception as err:
+        from .data.errors import MediaError
+        from .feature_cache import CacheError
+
+        # setup errors (config, files, unreadable media, stale feature cache): a message, no traceback
+        if not isinstance(err, (ValueError, FileNotFoundError, KeyError, MediaError, CacheError)):
+            raise
         print(f"epalm {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -246,6 +246,15 @@ class EPALM(nn.Module):
         deep = self.deep_prompt(b) if self.deep_prompt is not None else {}
         return InjectionState(tokens=tokens, prompt=prompt, deep_prompts=deep, mode=self.config.attention)
 
+    def _prepare(self, media, features, input_ids, attention_mask):
+        """Injection state plus ``[placeholder prefix | text]`` ids and 2-D mask."""
+        if input_ids is None:
+            raise ValueError("input_ids (the tokenized text) is required")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        state = self.injection_state(media, features, input_ids.shape[0])
+        return (state, *self._with_prefix(state, input_ids, attention_mask))
+
     def _with_prefix(self, state: InjectionState, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         b, n = input_ids.shape[0], state.prefix_len
         ids = torch.cat([input_ids.new_full((b, n), self.placeholder_id), input_ids], dim=1)
@@ -276,13 +285,8 @@ class EPALM(nn.Module):
         ``text_states``: ``self.text_states(input_ids, attention_mask)`` computed earlier; the
         frozen layers below the first injected one are then skipped.
         """
-        if input_ids is None:
-            raise ValueError("input_ids is required")
-        media = media if media is not None else pixel_values
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        state = self.injection_state(media, features, input_ids.shape[0])
-        ids, mask = self._with_prefix(state, input_ids, attention_mask)
+        state, ids, mask = self._prepare(media if media is not None else pixel_values, features,
+                                         input_ids, attention_mask)
         state.start_hidden = text_states
         with self.engine.active(state), self._only_upper_layers(text_states is not None):
             out = self.engine.anatomy.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -369,13 +373,8 @@ class EPALM(nn.Module):
 
         Prompts should be left-padded. Returns only the new tokens, ``(B * num_return_sequences, new)``.
         """
-        if input_ids is None:
-            raise ValueError("input_ids (the tokenized prompt) is required")
-        media = media if media is not None else pixel_values
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        state = self.injection_state(media, features, input_ids.shape[0])
-        ids, mask = self._with_prefix(state, input_ids, attention_mask)
+        state, ids, mask = self._prepare(media if media is not None else pixel_values, features,
+                                         input_ids, attention_mask)
         cfg = self.lm.generation_config
         if generate_kwargs.get("pad_token_id") is None and cfg.pad_token_id is None:
             generate_kwargs["pad_token_id"] = cfg.eos_token_id if cfg.eos_token_id is not None else 0

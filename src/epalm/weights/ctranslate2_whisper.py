@@ -45,7 +45,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import WeightsPackage, atomic_directory, ensure_cached, package_dir, package_file, source_fingerprint
+from .cache import (
+    WeightsPackage,
+    atomic_directory,
+    check_materialized,
+    ensure_cached,
+    package_dir,
+    package_file,
+    source_fingerprint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +153,7 @@ def _read_bytes(source: str | os.PathLike | bytes | Sequence[str | os.PathLike])
     sizes = [os.path.getsize(p) for p in source]
     out = bytearray(sum(sizes))
     off = 0
-    for p, n in zip(source, sizes):
+    for p, n in zip(source, sizes, strict=True):
         with open(p, "rb") as fh:
             got = fh.readinto(memoryview(out)[off : off + n])
         if got != n:  # pragma: no cover
@@ -160,9 +168,7 @@ def read_ct2_model(source: str | os.PathLike | bytes | Sequence[str | os.PathLik
     r = _Reader(memoryview(data))
     version = r.unpack("I")
     if version not in SUPPORTED_BINARY_VERSIONS:
-        raise ValueError(
-            f"unsupported CTranslate2 binary version {version} (supported: {SUPPORTED_BINARY_VERSIONS})"
-        )
+        raise ValueError(f"unsupported CTranslate2 binary version {version} (supported: {SUPPORTED_BINARY_VERSIONS})")
     spec = r.string()
     revision = r.unpack("I")
     n_vars = r.unpack("I")
@@ -180,9 +186,7 @@ def read_ct2_model(source: str | os.PathLike | bytes | Sequence[str | os.PathLik
         num_bytes = r.unpack("I")
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1
         if count * np_dtype.itemsize != num_bytes:
-            raise ValueError(
-                f"variable {name}: {num_bytes} bytes do not match shape {shape} of {dtype_name}"
-            )
+            raise ValueError(f"variable {name}: {num_bytes} bytes do not match shape {shape} of {dtype_name}")
         raw = r.take(num_bytes)
         variables[name] = np.frombuffer(raw, dtype=np_dtype, count=count).reshape(shape)
         dtypes[name] = dtype_name
@@ -272,8 +276,9 @@ def _split_rows(t: torch.Tensor, n: int) -> list[torch.Tensor]:
     return list(torch.chunk(t, n, dim=0))
 
 
-def ct2_whisper_state_dict(model: CT2Model, config, *, dtype: torch.dtype = torch.float32,
-                           prefix: str = "model.", with_proj_out: bool = True) -> dict[str, torch.Tensor]:
+def ct2_whisper_state_dict(
+    model: CT2Model, config, *, dtype: torch.dtype = torch.float32, prefix: str = "model.", with_proj_out: bool = True
+) -> dict[str, torch.Tensor]:
     """Map CTranslate2 Whisper variables onto ``WhisperForConditionalGeneration`` keys.
 
     With ``prefix=""`` and ``with_proj_out=False`` the keys match ``WhisperModel``.
@@ -295,7 +300,7 @@ def ct2_whisper_state_dict(model: CT2Model, config, *, dtype: torch.dtype = torc
         nonlocal k_bias_max
         ws = _split_rows(t(f"{src}/weight"), len(dsts))
         bs = _split_rows(t(f"{src}/bias"), len(dsts))
-        for i, (dst, w, b) in enumerate(zip(dsts, ws, bs)):
+        for i, (dst, w, b) in enumerate(zip(dsts, ws, bs, strict=True)):
             sd[f"{dst}.weight"] = w.contiguous()
             if i == k_index:
                 k_bias_max = max(k_bias_max, float(b.abs().max()) if b.numel() else 0.0)
@@ -339,8 +344,14 @@ def ct2_whisper_state_dict(model: CT2Model, config, *, dtype: torch.dtype = torc
     return sd
 
 
-def ct2_to_whisper(model: CT2Model, *, dtype: torch.dtype = torch.float32, token_ids: dict[str, int] | None = None,
-                   for_generation: bool = True, **config_overrides):
+def ct2_to_whisper(
+    model: CT2Model,
+    *,
+    dtype: torch.dtype = torch.float32,
+    token_ids: dict[str, int] | None = None,
+    for_generation: bool = True,
+    **config_overrides,
+):
     """Build a transformers Whisper model (strict load) from a parsed CTranslate2 model.
 
     Returns ``WhisperForConditionalGeneration`` (or ``WhisperModel`` when
@@ -350,11 +361,13 @@ def ct2_to_whisper(model: CT2Model, *, dtype: torch.dtype = torch.float32, token
 
     config = whisper_config_from_ct2(model, token_ids=token_ids, **config_overrides)
     cls = WhisperForConditionalGeneration if for_generation else WhisperModel
-    sd = ct2_whisper_state_dict(model, config, dtype=dtype, prefix="model." if for_generation else "",
-                                with_proj_out=for_generation)
+    sd = ct2_whisper_state_dict(
+        model, config, dtype=dtype, prefix="model." if for_generation else "", with_proj_out=for_generation
+    )
     with torch.device("meta"):
         hf = cls(config)
     hf.load_state_dict(sd, strict=True, assign=True)
+    check_materialized(hf)
     if for_generation:
         hf.tie_weights()
     return hf.to(dtype).eval()
@@ -417,8 +430,9 @@ def _token_ids_from_tokenizer_json(path: Path) -> dict[str, int]:
     return {"eot": added.get("<|endoftext|>"), "sot": added.get("<|startoftranscript|>")}
 
 
-def _write_ct2_whisper(model_parts, out_dir: Path, *, tokenizer_json=None, ct2_config_json=None,
-                       save_dtype: torch.dtype = torch.float16) -> None:
+def _write_ct2_whisper(
+    model_parts, out_dir: Path, *, tokenizer_json=None, ct2_config_json=None, save_dtype: torch.dtype = torch.float16
+) -> None:
     from transformers import WhisperFeatureExtractor
 
     ct2 = read_ct2_model(model_parts)
@@ -450,8 +464,9 @@ def convert_ct2_whisper(
     is given, the tokenizer. ``out_dir`` is replaced atomically and gets a ``SHA256SUMS``.
     """
     with atomic_directory(out_dir) as tmp:
-        _write_ct2_whisper(model_parts, tmp, tokenizer_json=tokenizer_json,
-                           ct2_config_json=ct2_config_json, save_dtype=save_dtype)
+        _write_ct2_whisper(
+            model_parts, tmp, tokenizer_json=tokenizer_json, ct2_config_json=ct2_config_json, save_dtype=save_dtype
+        )
     return Path(out_dir)
 
 

