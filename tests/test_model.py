@@ -140,3 +140,22 @@ def test_cached_features_equal_running_the_encoder(pixels, text):
     feats = model.encoder(pixels)
     torch.testing.assert_close(model(features=feats, input_ids=ids, attention_mask=mask).logits,
                                model(pixels, ids, mask).logits)
+
+
+def test_deepcopy_gives_an_independent_working_model(pixels, text):
+    import copy
+
+    ids, mask = text
+    model = EPALM(tiny_lm("llama"), tiny_encoder(), EPALMConfig(lm="t", encoder="t", variant="ada",
+                                                                 num_encoder_layers=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin(pixels, ids, mask).logits, model(pixels, ids, mask).logits)
+    with torch.no_grad():
+        twin.adapters[0].attn.up.weight.add_(1.0)  # changing the copy must not change the original
+    assert (twin(pixels, ids, mask).logits - model(pixels, ids, mask).logits).abs().max() > 1e-3
+    twin(pixels, ids, mask, labels=ids).loss.backward()
+    assert twin.connector.linears[0].weight.grad is not None and model.connector.linears[0].weight.grad is None

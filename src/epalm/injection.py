@@ -262,8 +262,7 @@ class InjectionEngine:
             raise ValueError(f"{type(self.anatomy.layers[0]).__name__}.forward takes no attention_mask")
         self._handles = [self.anatomy.decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True)]
         for idx, layer in enumerate(self.anatomy.layers):
-            hook = self._make_layer_hook(idx)
-            self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+            self._handles.append(layer.register_forward_pre_hook(_LayerHook(self, idx), with_kwargs=True))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -322,40 +321,46 @@ class InjectionEngine:
             )
         return state._masks[key]
 
-    def _make_layer_hook(self, idx: int):
+    def _layer_hook(self, idx: int, module: nn.Module, args: tuple, kwargs: dict):
+        state = self.state
+        if state is None:
+            return None
         level = self.schedule.get(idx)
+        call = _CallArgs(self._layer_params, args, kwargs)
+        hidden = call.get("hidden_states")
+        batch = hidden.shape[0]
+        if state._past == 0 and idx == self.inject_start:
+            if state.capture:
+                state.captured = hidden.detach()
+                raise StopForward
+            if state.start_hidden is not None:
+                hidden = state.expand("start_hidden", state.start_hidden, batch).to(hidden.dtype)
+                call.set("hidden_states", hidden)
+        if state._past == 0:
+            s, p = state.num_slots, state.prompt_len
+            pieces = None
+            prompt = state.prompt if idx == 0 else None
+            prompt = state.deep_prompts.get(idx, prompt)
+            if prompt is not None:
+                prompt = state.expand(f"prompt{idx}", prompt, batch).to(hidden.dtype)
+                pieces = [hidden[:, :s], prompt, hidden[:, s + p:]]
+            if level is not None and s:
+                slot = state.expand(f"tok{level}", state.tokens[:, level], batch).to(hidden.dtype)
+                pieces = [slot] + (pieces[1:] if pieces else [hidden[:, s:]])
+            if pieces is not None:
+                call.set("hidden_states", torch.cat(pieces, dim=1))
+        call.set("attention_mask", self._mask(state, idx, hidden.dtype))
+        return call.result()
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict):
-            state = self.state
-            if state is None:
-                return None
-            call = _CallArgs(self._layer_params, args, kwargs)
-            hidden = call.get("hidden_states")
-            batch = hidden.shape[0]
-            if state._past == 0 and idx == self.inject_start:
-                if state.capture:
-                    state.captured = hidden.detach()
-                    raise StopForward
-                if state.start_hidden is not None:
-                    hidden = state.expand("start_hidden", state.start_hidden, batch).to(hidden.dtype)
-                    call.set("hidden_states", hidden)
-            if state._past == 0:
-                s, p = state.num_slots, state.prompt_len
-                pieces = None
-                prompt = state.prompt if idx == 0 else None
-                prompt = state.deep_prompts.get(idx, prompt)
-                if prompt is not None:
-                    prompt = state.expand(f"prompt{idx}", prompt, batch).to(hidden.dtype)
-                    pieces = [hidden[:, :s], prompt, hidden[:, s + p:]]
-                if level is not None and s:
-                    slot = state.expand(f"tok{level}", state.tokens[:, level], batch).to(hidden.dtype)
-                    pieces = [slot] + (pieces[1:] if pieces else [hidden[:, s:]])
-                if pieces is not None:
-                    call.set("hidden_states", torch.cat(pieces, dim=1))
-            call.set("attention_mask", self._mask(state, idx, hidden.dtype))
-            return call.result()
 
-        return hook
+class _LayerHook:
+    """A picklable/deep-copyable hook (a closure would keep pointing at the original engine)."""
+
+    def __init__(self, engine: InjectionEngine, idx: int) -> None:
+        self.engine, self.idx = engine, idx
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        return self.engine._layer_hook(self.idx, module, args, kwargs)
 
 
 # ---------------------------------------------------------------------------- adapters
@@ -371,19 +376,22 @@ def _find_child(layer: nn.Module, names: tuple[str, ...], what: str) -> nn.Modul
     raise ValueError(f"cannot find the {what} of {type(layer).__name__} (looked for {', '.join(names)})")
 
 
+class _AdapterHook:
+    """Forward hook adding an adapter to a sub-layer's output (deep-copies with its model)."""
+
+    def __init__(self, adapter: nn.Module) -> None:
+        self.adapter = adapter
+
+    def __call__(self, _module: nn.Module, _args: tuple, output):
+        if isinstance(output, tuple):
+            return (self.adapter(output[0]),) + output[1:]
+        return self.adapter(output)
+
+
 def attach_adapters(layers: nn.ModuleList, adapters: nn.ModuleList) -> list:
     """Run ``adapters[i].attn`` after layer i's self-attention and ``.ffn`` after its FFN (forward hooks)."""
-
-    def wrap(adapter: nn.Module):
-        def hook(_module: nn.Module, _args: tuple, output):
-            if isinstance(output, tuple):
-                return (adapter(output[0]),) + output[1:]
-            return adapter(output)
-
-        return hook
-
     handles = []
     for layer, adapter in zip(layers, adapters):
-        handles.append(_find_child(layer, _ATTN_NAMES, "self-attention").register_forward_hook(wrap(adapter.attn)))
-        handles.append(_find_child(layer, _FFN_NAMES, "feed-forward block").register_forward_hook(wrap(adapter.ffn)))
+        handles.append(_find_child(layer, _ATTN_NAMES, "self-attention").register_forward_hook(_AdapterHook(adapter.attn)))
+        handles.append(_find_child(layer, _FFN_NAMES, "feed-forward block").register_forward_hook(_AdapterHook(adapter.ffn)))
     return handles
