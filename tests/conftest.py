@@ -43,6 +43,12 @@ def tiny_lm(family: str, num_layers: int = 4, seed: int = 0, attn: str = "sdpa")
         cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **common)
         model = Qwen2ForCausalLM(cfg)
+    elif family == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        cfg = Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, head_dim=8,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **common)
+        model = Qwen3ForCausalLM(cfg)
     elif family == "gemma3":
         from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 

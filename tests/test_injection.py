@@ -67,7 +67,7 @@ def test_magma_star_all_patch_tokens(mode, pixels, text):
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES + ["qwen2", "gemma3"])
+@pytest.mark.parametrize("family", FAMILIES + ["qwen2", "qwen3", "gemma3"])
 def test_causal_logits_do_not_depend_on_padding(family, pixels, text):
     ids, mask = text
     model = make(family, "epalm", "causal")

@@ -212,6 +212,11 @@ def build_models(root: Path, corpus: list[str]) -> dict[str, str]:
     torch.manual_seed(1)
     vit = ViTModel(ViTConfig(image_size=16, patch_size=8, **small), add_pooling_layer=False)
     vit.save_pretrained(root / "tiny-vit")
+    # the same ViT saved with its (unused) pooler: loading it is deterministic, see
+    # test_feature_cache_of_an_encoder_with_missing_weights
+    torch.manual_seed(1)
+    ViTModel(ViTConfig(image_size=16, patch_size=8, **small), add_pooling_layer=True).save_pretrained(
+        root / "tiny-vit-pooler")
     torch.manual_seed(2)
     TimesformerModel(TimesformerConfig(image_size=16, patch_size=8, num_frames=2, **small)).save_pretrained(
         root / "tiny-timesformer")
@@ -220,7 +225,8 @@ def build_models(root: Path, corpus: list[str]) -> dict[str, str]:
     torch.manual_seed(3)
     ASTModel(ASTConfig(num_mel_bins=128, max_length=1024, patch_size=16, frequency_stride=16, time_stride=16,
                        **small)).save_pretrained(root / "tiny-ast")
-    return {"lm": str(lm_dir), "vit": str(root / "tiny-vit"), "timesformer": str(root / "tiny-timesformer"),
+    return {"lm": str(lm_dir), "vit": str(root / "tiny-vit"), "vit_pooler": str(root / "tiny-vit-pooler"),
+            "timesformer": str(root / "tiny-timesformer"),
             "ast": str(root / "tiny-ast")}
 
 
@@ -447,3 +453,67 @@ def test_zero_shot_video_qa_after_image_training(assets):
     assert set(metrics) == {"score", "accuracy"}  # exact match, the video QA metric
     preds = json.loads((run / "eval_epoch0" / "predictions.json").read_text())
     assert sorted(p["question_id"] for p in preds) == list(range(3008, 3013))
+
+
+# =========================================================================== feature cache
+
+
+def test_feature_cache_cli_then_training_equals_training_without(assets, tmp_path):
+    from epalm.feature_cache import FeatureCache, StaleCacheError
+    from epalm.recipe import load_run_config, run_train
+
+    cfg_dict = recipe(assets, "vqa", tmp_path / "plain", train={"epochs": 2, "batch_size": 4})
+    cfg_dict["model"]["encoder"] = assets["models"]["vit_pooler"]
+    cfg_dict["data"]["feature_cache_dtype"] = "float32"  # float16 (the default) rounds the features
+    cfg = write_config(tmp_path / "vqa.yaml", cfg_dict)
+    cache = tmp_path / "cache"
+
+    rc, out, err = run_cli("train", cfg)  # data.augment=false, no cache
+    assert rc == 0, err[-3000:]
+    rc, out, err = run_cli("cache-features", cfg, f"data.feature_cache={cache}", "data.augment=false")
+    assert rc == 0, err[-3000:]
+    info = json.loads(out.strip().splitlines()[-1])
+    assert info == {"path": str(cache), "items": 24 + 12, "shape": [2, 24]}
+    meta = FeatureCache.read_meta(cache)
+    assert meta["fingerprint"]["preprocessing"]["image_size"] == 16
+
+    rc, out, err = run_cli("train", cfg, f"data.feature_cache={cache}", f"train.output_dir={tmp_path / 'cached'}")
+    assert rc == 0, err[-3000:]
+    assert FeatureCache.read_meta(cache) == meta  # reused, not rebuilt
+    plain, cached = trainable(tmp_path / "plain" / "checkpoint"), trainable(tmp_path / "cached" / "checkpoint")
+    assert plain.keys() == cached.keys()
+    for k in plain:  # features are stored as float16: equal up to that rounding
+        torch.testing.assert_close(cached[k], plain[k], rtol=0, atol=2e-3, msg=k)
+    assert (json.loads((tmp_path / "plain" / "eval_epoch1" / "predictions.json").read_text())
+            == json.loads((tmp_path / "cached" / "eval_epoch1" / "predictions.json").read_text()))
+
+    # changed preprocessing: the cache is refused, naming the field (CLI: exit 2 with the message)
+    rc, out, err = run_cli("train", cfg, f"data.feature_cache={cache}", "data.mean=[0.5,0.5,0.5]",
+                           f"train.output_dir={tmp_path / 'stale'}")
+    assert rc == 2
+    assert "stale feature cache" in err and "preprocessing.mean" in err and str(cache) in err
+    stale = load_run_config(cfg, [f"data.feature_cache={cache}", "data.image_size=32",
+                                  f"train.output_dir={tmp_path / 'stale2'}"])
+    with pytest.raises(StaleCacheError, match=r"preprocessing\.image_size") as info:
+        run_train(stale, progress=False)
+    assert info.value.fields == ["preprocessing.image_size"]
+    assert FeatureCache.read_meta(cache) == meta  # a stale cache is never overwritten
+
+
+def test_cache_features_needs_a_directory(assets, tmp_path):
+    cfg = write_config(tmp_path / "vqa.yaml", recipe(assets, "vqa", tmp_path / "run"))
+    with pytest.raises(SystemExit, match="data.feature_cache"):
+        run_cli("cache-features", cfg)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG (encoders.load_encoder / feature_cache.weights_digest): a ViT checkpoint saved without its pooler "
+    "gets a freshly random pooler on every load; the pooler is unused but hashed into the cache "
+    "fingerprint, so `epalm cache-features` builds a cache that `epalm train` rejects as stale (weights)"))
+def test_feature_cache_of_an_encoder_with_missing_weights(assets, tmp_path):
+    cfg = write_config(tmp_path / "vqa.yaml", recipe(assets, "vqa", tmp_path / "run", train={"epochs": 1}))
+    cache = tmp_path / "cache"
+    rc, out, err = run_cli("cache-features", cfg, f"data.feature_cache={cache}")
+    assert rc == 0, err[-3000:]
+    rc, out, err = run_cli("train", cfg, f"data.feature_cache={cache}")
+    assert rc == 0, err[-2000:]

@@ -372,12 +372,17 @@ class EPALM(nn.Module):
         """Open-ended answers through ``lm.generate`` (KV cache, greedy / beam / sampling).
 
         Prompts should be left-padded. Returns only the new tokens, ``(B * num_return_sequences, new)``.
+        In ``official`` attention mode decoding is uncached by default, as in the release.
         """
         state, ids, mask = self._prepare(media if media is not None else pixel_values, features,
                                          input_ids, attention_mask)
         cfg = self.lm.generation_config
         if generate_kwargs.get("pad_token_id") is None and cfg.pad_token_id is None:
             generate_kwargs["pad_token_id"] = cfg.eos_token_id if cfg.eos_token_id is not None else 0
+        if self.config.attention == "official":
+            # The release decodes without a cache, and in its semantics the visual token attends to
+            # every token so far (generated ones included): a KV cache would freeze its past rows.
+            generate_kwargs.setdefault("use_cache", False)
         anatomy = self.engine.anatomy
         if anatomy.sliding_window and anatomy.layer_types and generate_kwargs.get("use_cache", True):
             # A sliding-window cache drops old keys, but our masks span the whole sequence:

@@ -49,6 +49,7 @@ class DataConfig:
     loss_on: str = "answer"  # "answer" | "all" (the release)
     on_error: str = "raise"  # corrupt media: "raise" | "skip"
     feature_cache: str | None = None  # directory of the frozen-encoder feature cache (used when augment is off)
+    feature_cache_dtype: str = "float16"  # storage of cached features; "float32" reproduces uncached training
     seed: int = 0
 
 
@@ -211,7 +212,8 @@ def build_feature_cache(cfg: RunConfig, encoder, datasets, progress: bool = True
             items.setdefault(str(sample.media_id), (sample.media_path, loader))
     return FeatureCache.build(path, encoder,
                               ((mid, (lambda p=p, f=f: f(p, False))) for mid, (p, f) in items.items()),
-                              fingerprint, batch_size=cfg.eval.batch_size, progress=progress, resume=True)
+                              fingerprint, batch_size=cfg.eval.batch_size, dtype=cfg.data.feature_cache_dtype,
+                              progress=progress, resume=True)
 
 
 def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
