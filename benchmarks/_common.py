@@ -87,13 +87,47 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018  (glibc only)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def release_cpu_heap_caching() -> bool:
+    """Make glibc return freed memory to the OS at once, so RSS follows live tensors.
+
+    glibc keeps freed blocks resident (and raises its mmap threshold after large frees), so
+    after warmup a block's RSS hardly moves. Serving every block >= 64 KiB by mmap and trimming
+    the heap on free makes the RSS delta of a call its real peak allocation. It slows later
+    allocations (fresh pages), so call it only after all timings. Returns False off glibc.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024) and libc.mallopt(_M_TRIM_THRESHOLD, 0)
+    libc.malloc_trim(0)
+    return bool(ok)
+
+
 class PeakMemory:
     """Peak memory of a block, in MiB.
 
     CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated at entry.
     CPU: the peak resident set size above the RSS at entry, sampled every millisecond from
-    /proc/self/statm, and (``maxrss_growth_mb``) how far the block raised the process's
-    ``resource`` ru_maxrss high-water mark (0 once an earlier block went higher).
+    /proc/self/statm (accurate after ``release_cpu_heap_caching()``), and
+    (``maxrss_growth_mb``) how far the block raised the process's ``resource`` ru_maxrss
+    high-water mark (0 once an earlier block went higher).
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -107,6 +141,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
+        libc = _libc()
+        if libc is not None:
+            libc.malloc_trim(0)
         self._base = _rss_bytes()
         self._peak = self._base
         self._maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -147,8 +184,7 @@ def time_interleaved(contenders: dict[str, Callable[[], object]], device: torch.
     """Time several functions round-robin so that load drifts (shared machines) hit all alike.
 
     Each contender is warmed up ``warmup`` times, then round ``r`` runs every contender once, in
-    an order rotated by ``r``. Peak memory comes from one more, untimed call of each (the CPU
-    sampler thread would otherwise compete for the GIL with the timed code).
+    an order rotated by ``r``.
     """
     names = list(contenders)
     for name in names:
@@ -159,20 +195,20 @@ def time_interleaved(contenders: dict[str, Callable[[], object]], device: torch.
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             runs[name].append(time_once(contenders[name], device))
-    results = {}
-    for name in names:
-        with PeakMemory(device) as mem:
-            contenders[name]()
-        results[name] = {
-            "median_ms": statistics.median(runs[name]),
-            "min_ms": min(runs[name]),
-            "max_ms": max(runs[name]),
-            "runs_ms": runs[name],
-            "peak_mem_mb": mem.peak_mb,
-        }
-        if device.type != "cuda":
-            results[name]["maxrss_growth_mb"] = mem.maxrss_growth_mb
-    return results
+    return {
+        name: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v), "runs_ms": v}
+        for name, v in runs.items()
+    }
+
+
+def measure_memory(fn: Callable[[], object], device: torch.device) -> dict:
+    """Peak memory of one (untimed) call: ``peak_mem_mb`` (+ ``maxrss_growth_mb`` on CPU)."""
+    with PeakMemory(device) as mem:
+        fn()
+    out = {"peak_mem_mb": mem.peak_mb}
+    if device.type != "cuda":
+        out["maxrss_growth_mb"] = mem.maxrss_growth_mb
+    return out
 
 
 def load_average() -> list[float] | None:

@@ -45,6 +45,8 @@ from _common import (  # noqa: E402
     pick_device,
     pick_dtype,
     load_average,
+    measure_memory,
+    release_cpu_heap_caching,
     safe_name,
     time_interleaved,
 )
@@ -258,6 +260,13 @@ def run(args: argparse.Namespace) -> dict:
         for name, res in per_mode.items():
             results[name][mode] = res
     load_after = load_average()
+    # Memory after all timings: one untimed call of each (a sampler thread would compete with
+    # timed code for the GIL, and on CPU glibc caching is switched off for it).
+    if device.type == "cpu":
+        release_cpu_heap_caching()
+    for mode in args.modes:
+        for name, fns in contenders.items():
+            results[name][mode].update(measure_memory(fns[mode], device))
 
     def table(key: str) -> dict:
         return {who: {m: r[key] for m, r in per.items()} for who, per in results.items()}
@@ -298,8 +307,9 @@ def run(args: argparse.Namespace) -> dict:
         "peak_mem_mb": table("peak_mem_mb"),
         "peak_mem_kind": ("cuda max_memory_allocated above the allocation at entry, one untimed call"
                           if device.type == "cuda" else
-                          "peak RSS above the RSS at entry of one untimed call (sampled every 1 ms); "
-                          "maxrss_growth_mb: growth of resource ru_maxrss (process high-water mark)"),
+                          "peak RSS above the RSS at entry of one untimed call after all timings (sampled "
+                          "every 1 ms, glibc heap caching off); maxrss_growth_mb: growth of resource "
+                          "ru_maxrss (process high-water mark)"),
         "ratios": ratios,
         "ratios_paired": paired,
         "ratio_definition": ("bare_ms / epalm_ms of the medians (ratios) or median of per-round ratios "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 
@@ -41,35 +40,17 @@ def _cache_features(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import torch
-
-    from .data import vqa_prompt
-    from .data.text import encode_prompt
-    from .model import EPALM
-    from .recipe import DataConfig, RunConfig, load_tokenizer, media_loader
+    from .inference import answer_question, load_checkpoint
 
     media_path = args.image or args.video or args.audio
     if not Path(media_path).is_file():
-        raise SystemExit(f"{media_path}: no such file")
-    model = EPALM.from_pretrained(args.checkpoint)
-    dataset = {"image": "coco", "video": "msrvtt_qa", "audio": "audiocaps"}[
-        "image" if args.image else "video" if args.video else "audio"]
-    # preprocess as in training: RUN/run_config.json sits next to RUN/best and RUN/checkpoint
-    run_config = Path(args.checkpoint).parent / "run_config.json"
-    trained = json.loads(run_config.read_text()).get("data", {}) if run_config.is_file() else {}
-    encoder_size = getattr(getattr(model.encoder, "image_encoder", model.encoder), "image_size", None)
-    size = args.image_size or trained.get("image_size") or (encoder_size[0] if encoder_size else 224)
-    keep = {k: trained[k] for k in ("mean", "std", "num_frames", "audio_features") if trained.get(k) is not None}
-    cfg = RunConfig(model=model.config, data=DataConfig(dataset=dataset, image_size=size, **keep))
-    tokenizer = load_tokenizer(cfg)
-    media = media_loader(cfg, for_cache=True)(media_path, False).unsqueeze(0)
-    prompt = vqa_prompt(args.prompt) if args.prompt else ""
-    ids = torch.tensor([encode_prompt(tokenizer, prompt)])
-    t0 = time.perf_counter()
-    new = model.generate(media=media, input_ids=ids, max_new_tokens=args.max_new_tokens,
-                         num_beams=args.num_beams, pad_token_id=tokenizer.pad_token_id)
-    answer = tokenizer.decode(new[0], skip_special_tokens=True).strip()
-    print(json.dumps({"answer": answer, "seconds": round(time.perf_counter() - t0, 3)}))
+        raise FileNotFoundError(f"{media_path}: no such file")
+    model, tokenizer, loader, modality = load_checkpoint(args.checkpoint, image_size=args.image_size)
+    given = "image" if args.image else "video" if args.video else "audio"
+    if given != modality:
+        raise ValueError(f"{args.checkpoint} reads {modality} (its encoder), but --{given} was given")
+    print(json.dumps(answer_question(model, tokenizer, loader, media_path, args.prompt, args.num_beams,
+                                     args.max_new_tokens)))
     return 0
 
 
@@ -90,6 +71,17 @@ def _tiny_demo(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)  # tiny tensors
     print(json.dumps(run(args.output_dir, args.variant)))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import launch
+
+    try:
+        launch(args.checkpoint, host=args.host, port=args.port, share=args.share, image_size=args.image_size)
+    except ImportError as err:  # gradio missing: the message says what to install
+        print(f"epalm demo: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -138,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/tiny-demo")
     p.add_argument("--variant", default="epalm")
     p.set_defaults(func=_tiny_demo)
+
+    p = sub.add_parser("demo", help="local web app: upload an image/video/audio, ask, see the answer "
+                       "(pip install 'epalm[demo]')")
+    p.add_argument("checkpoint", help="a save_pretrained folder (e.g. RUN/best)")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also make a public gradio.live link (goes online)")
+    p.add_argument("--image-size", type=int, default=None, help="as for predict")
+    p.set_defaults(func=_demo)
     return parser
 
 
