@@ -67,18 +67,9 @@ def build_encoder(name: str, device: torch.device, dtype: torch.dtype, tiny: boo
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
-        vit = ViTModel(cfg, add_pooling_layer=False, attn_implementation="sdpa") if _takes_attn() else \
-            ViTModel(cfg, add_pooling_layer=False)
+        vit = ViTModel(cfg, add_pooling_layer=False)
     vit = vit.to(dtype)
     return wrap_hf_encoder(vit, num_layers=min(6, cfg.num_hidden_layers)), cfg
-
-
-def _takes_attn() -> bool:
-    import inspect
-
-    from transformers import ViTModel
-
-    return "attn_implementation" in inspect.signature(ViTModel.__init__).parameters
 
 
 def synthetic_jpegs(folder: Path, count: int, size: tuple[int, int], quality: int = 90) -> list[Path]:
