@@ -301,7 +301,7 @@ def test_caption_quickstart_end_to_end(tmp_path):
     m = run_caption_quickstart(out, root, epochs=2, batch_size=4, lr=1e-2, image_size=28, test_fraction=0.34,
                                num_beams=2, max_new_tokens=6, feature_cache=tmp_path / "feats", threads=1,
                                load_lm=tiny_lm_and_tokenizer, load_encoder=tiny_dinov2, log=lines.append)
-    assert m["n_test"] == 3 and m["n_train"] == m["n_test"] * 0 + (8 + m["svg_included"]) - 3
+    assert m["n_test"] == 3 and m["n_train"] + m["n_test"] == 8 + m["svg_included"]
     for key in ("CIDEr", "Bleu_4", "ROUGE_L", "blind_CIDEr"):
         assert m[key] is not None and m[key] >= 0
     saved = json.loads((out / "metrics.json").read_text())
@@ -309,7 +309,7 @@ def test_caption_quickstart_end_to_end(tmp_path):
     assert (out / "curves.png").is_file() and (out / "blind" / "curves.png").is_file()
     page = (out / "examples.html").read_text()
     assert "data:image/png;base64" in page  # stamps inline
-    assert "CIDEr" in lines[-1] or any("CIDEr" in line for line in lines)
+    assert any("CIDEr" in line for line in lines)
 
 
 # --------------------------------------------------------------------------------------------- missing packages

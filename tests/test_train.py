@@ -85,3 +85,42 @@ def test_schedule_and_config_errors():
         config_from_dict({"epochz": 3})
     with pytest.raises(ValueError, match=r"optim: unknown key\(s\) \['lrr'\]"):
         config_from_dict({"optim": {"lrr": 1}})
+
+
+class UnevenColours(ColourDataset):
+    """Samples with 1 or 2 labelled tokens, so micro-batches hold different token counts."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        if i % 3 == 0:
+            item["labels"] = item["labels"].clone()
+            item["labels"][-1] = -100
+        return item
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    results = []
+    for accum in (1, 2, 4):
+        cfg = TrainConfig(output_dir=str(tmp_path / f"acc{accum}"), epochs=2, batch_size=8, grad_accum=accum,
+                          cpu=True, log_every=1, optim=OptimConfig(lr=1e-3, warmup_lr=1e-3, min_lr=1e-4))
+        model = make_model()
+        Trainer(model, UnevenColours(24), collate, cfg).train()
+        results.append(trainable(model))
+    for other in results[1:]:
+        for k in results[0]:
+            torch.testing.assert_close(other[k], results[0][k], rtol=0, atol=1e-6)
+
+
+def test_logged_loss_is_the_global_token_mean(tmp_path):
+    import csv
+
+    cfg = TrainConfig(output_dir=str(tmp_path / "log"), epochs=1, batch_size=24, grad_accum=3, cpu=True,
+                      log_every=1, optim=OptimConfig(lr=1e-12, warmup_lr=1e-12, min_lr=1e-12))
+    model = make_model()
+    ds = UnevenColours(24)
+    order = Trainer(model, ds, collate, cfg).order.indices(0)
+    with torch.no_grad():
+        expected = model(**collate([ds[i] for i in order])).loss.item()
+    Trainer(model, ds, collate, cfg).train()
+    row = next(csv.DictReader((tmp_path / "log" / "metrics.csv").open()))
+    assert float(row["loss"]) == pytest.approx(expected, rel=1e-5)

@@ -87,6 +87,10 @@ class Encoder(nn.Module):
         modality: str = "image",
     ) -> None:
         super().__init__()
+        if isinstance(getattr(model, "pooler", None), nn.Module):
+            # unused (we read per-layer tokens) and randomly initialised when a checkpoint lacks it:
+            # it would only cost compute and make the weights' fingerprint unstable
+            model.pooler = None
         self.model = model
         cfg = getattr(model, "config", None)
         total = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "encoder_layers", None)

@@ -57,7 +57,7 @@ def predict(
     accelerator: Any = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Generate for every sample; returns rows ``{index, sample_id, media_id, prediction, ...}``."""
+    """Generate for every sample; rows ``{sample_id, media_id, prediction, ...}`` in dataset order."""
     from tqdm.auto import tqdm
 
     generation = generation or GenerationConfig()
@@ -67,7 +67,6 @@ def predict(
     device = next(p for p in model.parameters() if p.requires_grad).device
     model.eval()
     rows: list[dict[str, Any]] = []
-    position = 0
     for batch in tqdm(loader, desc="generate", unit="batch", disable=not progress or rank != 0):
         if batch is None:  # every sample of this batch was skipped (on_error="skip")
             continue
@@ -82,15 +81,15 @@ def predict(
                 if key in batch:
                     row[key] = batch[key][i]
             rows.append(row)
-        position += len(texts)
     if accelerator is not None and world > 1:
         from accelerate.utils import gather_object
 
         rows = gather_object(rows)
     seen: dict[Any, dict] = {}
-    for row in rows:  # each sample exactly once, in a stable order
+    for row in rows:  # each sample exactly once
         seen.setdefault(row.get("sample_id"), row)
-    return list(seen.values())
+    order = {s.id: i for i, s in enumerate(getattr(dataset, "samples", []))}
+    return sorted(seen.values(), key=lambda r: order.get(r.get("sample_id"), len(order)))
 
 
 def score(kind: str, rows: Sequence[dict[str, Any]], caption_metrics: Sequence[str] | None = None) -> dict[str, Any]:

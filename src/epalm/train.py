@@ -14,6 +14,7 @@ update as 1 process x 16 samples.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -174,8 +175,8 @@ class Trainer:
 
         self.cfg = config
         self.out = Path(config.output_dir)
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision,
-                                       gradient_accumulation_steps=config.grad_accum, cpu=config.cpu)
+        # accumulation is done by hand (see train): the loss is normalised over the whole window
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
         acc = self.accelerator
         if config.batch_size % (acc.num_processes * config.grad_accum):
             raise ValueError(f"batch_size {config.batch_size} is not divisible by processes x grad_accum "
@@ -240,31 +241,81 @@ class Trainer:
 
     # -------------------------------------------------------------- loop
     def _loader(self, epoch: int, start_batch: int) -> Iterable:
+        """Windows of ``grad_accum`` micro-batches ``[(batch, global_size), ...]`` for this process."""
         indices = self.order.indices(epoch, start_batch)
         acc = self.accelerator
         # every process walks the same global order and takes its slice of each global micro-batch
         per_global = self.order.batch_size
+        window = []
         for b in range(0, len(indices), per_global):
             chunk = indices[b:b + per_global]
-            mine = chunk[acc.process_index::acc.num_processes]
-            if mine:
-                yield self.collate([self.dataset[i] for i in mine]), len(chunk)
-                continue
-            # fewer samples than processes: keep processes in lock-step with a sample that has no labels
-            batch = self.collate([self.dataset[chunk[0]]])
-            batch["labels"] = torch.full_like(batch["labels"], -100)
-            yield batch, len(chunk)
+            mine = chunk[acc.process_index::acc.num_processes] or chunk[:1]
+            batch = self.collate([self.dataset[i] for i in mine])
+            if batch is None:  # every sample was skipped (data.on_error=skip)
+                if acc.num_processes > 1:
+                    raise RuntimeError(f"every sample of a micro-batch was skipped on process {acc.process_index} "
+                                       "(unreadable media): processes would fall out of step; fix the data or "
+                                       "use a larger batch")
+                window.append((None, len(chunk)))
+            else:
+                if len(chunk) < acc.num_processes and acc.process_index >= len(chunk):
+                    # fewer samples than processes: stay in lock-step with a sample that has no labels
+                    batch["labels"] = torch.full_like(batch["labels"], -100)
+                window.append((batch, len(chunk)))
+            if len(window) == self.cfg.grad_accum:
+                yield window
+                window = []
+        if window:
+            yield window
 
-    def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = {k: v for k, v in batch.items() if k in self.MODEL_KEYS}
-        out = self.model(**inputs, return_logits=False)
-        tokens = out.num_label_tokens.sum()
-        total_tokens = self.accelerator.reduce(tokens.detach().float(), reduction="sum")
-        # global token mean, undoing DDP's average over processes
-        loss = out.loss_per_sample.sum() * self.accelerator.num_processes / total_tokens.clamp(min=1)
-        if self.unwrapped.config.loss_reduction == "official":
-            loss = out.loss
-        return loss, tokens
+    @staticmethod
+    def _label_tokens(batch: dict | None) -> int:
+        return 0 if batch is None else int((batch["labels"][:, 1:] != -100).sum())
+
+    def _step(self, window: list) -> tuple[float, bool]:
+        """Forward/backward over one window and an optimizer step.
+
+        Loss of micro-batch i = its summed token CE x processes / labelled tokens of the whole
+        window on all processes: accumulated and DDP-averaged, that is exactly the global token
+        mean. Returns (global mean loss, stepped); ``stepped`` is False when the window was skipped.
+        """
+        acc, cfg = self.accelerator, self.cfg
+        device = acc.device
+        total = acc.reduce(torch.tensor(float(sum(self._label_tokens(b) for b, _ in window)), device=device),
+                           reduction="sum").clamp(min=1)
+        official = self.unwrapped.config.loss_reduction == "official"
+        ce_sum = torch.zeros((), device=device)
+        live = [b for b, _ in window if b is not None]
+        for i, batch in enumerate(live):
+            sync = i == len(live) - 1
+            ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
+            with ctx:
+                inputs = {k: v for k, v in batch.items() if k in self.MODEL_KEYS}
+                out = self.model(**inputs, return_logits=False)
+                if official:
+                    loss = out.loss / len(live)
+                else:
+                    loss = out.loss_per_sample.sum() * acc.num_processes / total
+                if not torch.isfinite(loss.detach()):
+                    where = f"epoch {self.state['epoch']}, batch {self.state['batch'] + i}, step {self.state['step']}"
+                    if cfg.on_nan == "stop":
+                        raise TrainingDiverged(
+                            f"non-finite loss ({loss.item()}) at {where}; weights not updated. Last checkpoint: "
+                            f"{self.out / 'checkpoint'}. Lower the lr, use bf16 instead of fp16, or set on_nan=skip.")
+                    acc.print(f"warning: non-finite loss at {where}: step skipped")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.state["skipped_nan"] += 1
+                    return float("nan"), False
+                acc.backward(loss)
+                ce_sum += out.loss_per_sample.detach().sum()
+        if not live:
+            return float("nan"), False
+        if cfg.optim.max_grad_norm:
+            acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(acc.reduce(ce_sum, reduction="sum") / total), True
 
     def train(self, resume: bool = False) -> dict:
         cfg, acc = self.cfg, self.accelerator
@@ -278,51 +329,28 @@ class Trainer:
 
         bar = tqdm(total=self.total_steps, initial=self.state["step"], disable=not acc.is_main_process,
                    desc="train", unit="step", dynamic_ncols=True)
-        history: list[dict] = []
         t0, samples, tokens_seen = time.perf_counter(), 0, 0
         self.model.train()
         done = self.state["step"] >= self.total_steps
         while not done and self.state["epoch"] < cfg.epochs:
             epoch = self.state["epoch"]
-            for batch, global_size in self._loader(epoch, self.state["batch"]):
-                with acc.accumulate(self.model):
-                    loss, tokens = self._loss(batch)
-                    if not torch.isfinite(loss.detach()):
-                        where = f"epoch {epoch}, batch {self.state['batch']}, step {self.state['step']}"
-                        if cfg.on_nan == "stop":
-                            raise TrainingDiverged(
-                                f"non-finite loss ({loss.item()}) at {where}; weights not updated. Last "
-                                f"checkpoint: {self.out / 'checkpoint'}. Lower the lr, use bf16 instead of "
-                                "fp16, or set on_nan=skip.")
-                        acc.print(f"warning: non-finite loss at {where}: step skipped")
-                        self.optimizer.zero_grad(set_to_none=True)
-                        self.state["skipped_nan"] += 1
-                        self.state["batch"] += 1
-                        continue
-                    acc.backward(loss)
-                    if acc.sync_gradients and cfg.optim.max_grad_norm:
-                        acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
-                    self.optimizer.step()
-                    if acc.sync_gradients:
-                        self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                self.state["batch"] += 1
-                samples += global_size
-                tokens_seen += int(batch["attention_mask"].sum()) * acc.num_processes
-                if not acc.sync_gradients:
+            for window in self._loader(epoch, self.state["batch"]):
+                loss, stepped = self._step(window)
+                self.state["batch"] += len(window)
+                samples += sum(size for _, size in window)
+                tokens_seen += sum(int(b["attention_mask"].sum()) for b, _ in window if b is not None) * acc.num_processes
+                if not stepped:
                     continue
                 self.state["step"] += 1
                 bar.update(1)
                 step = self.state["step"]
                 if step % cfg.log_every == 0 or step == self.total_steps:
                     elapsed = time.perf_counter() - t0
-                    row = {"step": step, "epoch": epoch, "loss": float(loss.detach()),
-                           "lr": self.scheduler.get_last_lr()[0], "samples_per_s": samples / elapsed,
-                           "tokens_per_s": tokens_seen / elapsed}
+                    row = {"step": step, "epoch": epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                           "samples_per_s": samples / elapsed, "tokens_per_s": tokens_seen / elapsed}
                     flops = (self.flops_fwd + self.flops_bwd) * row["tokens_per_s"]
                     row["mfu"] = flops / self.peak if self.peak else None
-                    history.append(row)
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.1f}")
+                    bar.set_postfix(loss=f"{loss:.3f}", sps=f"{row['samples_per_s']:.1f}")
                     if acc.is_main_process:
                         _append_csv(log_path, row)
                         if tb:
