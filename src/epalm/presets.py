@@ -6,7 +6,7 @@ without downloading anything.
 
 from __future__ import annotations
 
-from transformers import LlamaConfig, OPTConfig, PretrainedConfig, ViTConfig
+from transformers import ASTConfig, LlamaConfig, OPTConfig, PretrainedConfig, TimesformerConfig, ViTConfig
 
 
 def _opt(hidden: int, layers: int, heads: int, ffn: int, proj: int | None = None, pre_ln: bool = True) -> OPTConfig:
@@ -39,6 +39,10 @@ ENCODER_CONFIGS = {
     "vit_large_patch16_224": lambda: ViTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                                                intermediate_size=4096, image_size=224, patch_size=16,
                                                layer_norm_eps=1e-6),
+    "facebook/timesformer-base-finetuned-k400": lambda: TimesformerConfig(image_size=224, patch_size=16,
+                                                                          num_frames=8, hidden_size=768),
+    "MIT/ast-finetuned-audioset-10-10-0.4593": lambda: ASTConfig(num_mel_bins=128, max_length=1024,
+                                                                 hidden_size=768, num_hidden_layers=12),
 }
 
 
@@ -49,6 +53,7 @@ def lm_config(name: str) -> PretrainedConfig:
 
 
 def encoder_config(name: str) -> PretrainedConfig:
+    name = name.removeprefix("framewise:")
     if name not in ENCODER_CONFIGS:
         raise KeyError(f"no built-in config for encoder {name!r}; known: {sorted(ENCODER_CONFIGS)}")
     return ENCODER_CONFIGS[name]()
@@ -60,17 +65,19 @@ def build_random(epalm_config, device: str = "cpu", dtype=None):
     ``device="meta"`` allocates nothing: enough to count parameters of multi-billion models.
     """
     import torch
-    from transformers import AutoModelForCausalLM, ViTModel
+    from transformers import AutoModel, AutoModelForCausalLM
 
-    from .encoders import wrap_hf_encoder
+    from .encoders import FrameWiseEncoder, wrap_hf_encoder
     from .model import EPALM
 
     with torch.device(device):
         lm_cfg = lm_config(epalm_config.lm)
         lm_cfg._attn_implementation = "sdpa"
         lm = AutoModelForCausalLM.from_config(lm_cfg, attn_implementation="sdpa", torch_dtype=dtype)
-        encoder = wrap_hf_encoder(ViTModel(encoder_config(epalm_config.encoder), add_pooling_layer=False),
+        encoder = wrap_hf_encoder(AutoModel.from_config(encoder_config(epalm_config.encoder)),
                                   num_layers=epalm_config.num_encoder_layers)
+        if epalm_config.encoder.startswith("framewise:"):
+            encoder = FrameWiseEncoder(encoder)
         if dtype is not None:
             encoder.to(dtype)
         return EPALM(lm, encoder, epalm_config)
