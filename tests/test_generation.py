@@ -100,3 +100,12 @@ def test_the_image_changes_the_answer(pixels):
     a = model(pixels, ids, mask).logits[:, -1]
     b = model(pixels.flip(0), ids, mask).logits[:, -1]
     assert (a - b).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpadded_cached_generation_equals_step_by_step(family, pixels):
+    model = make(family, inject_start=1, inject_end=3)
+    ids = torch.randint(3, 97, (3, 5), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    cached = model.generate(pixels, ids, mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD, eos_token_id=EOS)
+    assert torch.equal(cached, greedy_by_hand(model, pixels, ids, mask, 6))

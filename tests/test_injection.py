@@ -161,3 +161,22 @@ def test_reusing_text_states_skips_lower_layers_exactly(family, mode, pixels, te
     assert len(model.engine.anatomy.decoder.get_submodule(model.engine.anatomy.layers_attr)) == 4  # restored
     with pytest.raises(ValueError, match="trains parameters below the first injected layer"):
         make(family, "epalm").text_states(ids, mask)
+
+
+@pytest.mark.parametrize("family", FAMILIES + ["qwen3"])
+@pytest.mark.parametrize("variant", ["epalm", "promptfuse"])
+def test_unpadded_batches_use_sdpa_causal_path_and_match_reference(family, variant, pixels, text):
+    """Without padding, layers where the slot is visible get attention_mask=None (SDPA's causal kernel)."""
+    ids, _ = text
+    mask = torch.ones_like(ids)
+    model = make(family, variant, "causal")
+    seen = []
+    hook = model.engine.anatomy.layers[-1].register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("attention_mask", "positional")), with_kwargs=True)
+    out = model(pixels, ids, mask)
+    hook.remove()
+    if family != "gpt2":  # GPT-2 passes the mask positionally; the value is checked through the logits
+        assert seen == [None]
+    if family in FAMILIES:
+        torch.testing.assert_close(out.logits, reference_logits(model, pixels, ids, mask), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits[:2], model(pixels[:2], ids[:2], mask[:2]).logits, rtol=1e-5, atol=1e-5)

@@ -111,6 +111,7 @@ class LMAnatomy:
     position_rule: Literal["text", "text_clamped", "consecutive"]
     layer_types: list[str] | None
     sliding_window: int | None
+    attn_implementation: str = "sdpa"
 
     @classmethod
     def of(cls, lm: nn.Module) -> "LMAnatomy":
@@ -143,7 +144,7 @@ class LMAnatomy:
         window = getattr(cfg, "sliding_window", None)
         hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
         return cls(lm, decoder, layers, name.rsplit(".", 1)[-1], hidden, rule,
-                   list(layer_types) if layer_types else None, window)
+                   list(layer_types) if layer_types else None, window, impl or "sdpa")
 
     def is_sliding(self, layer_idx: int) -> bool:
         return bool(self.layer_types and self.sliding_window and self.layer_types[layer_idx] == "sliding_attention")
@@ -305,14 +306,19 @@ class InjectionEngine:
         if 0 < past < state.prefix_len:
             raise RuntimeError(f"epalm: cached prefix is incomplete ({past} < {state.prefix_len} tokens)")
         state._past, state._query_len, state._masks = past, query_len, {}
+        state._unpadded = bool(mask2d.all())
         state._mask2d = mask2d
         positions = position_ids_for(mask2d, state.prefix_len, self.anatomy.position_rule)
         call.set("position_ids", positions[:, past:])
         return call.result()
 
-    def _mask(self, state: InjectionState, layer_idx: int, dtype: torch.dtype) -> torch.Tensor:
+    def _mask(self, state: InjectionState, layer_idx: int, dtype: torch.dtype) -> torch.Tensor | None:
         visible = layer_idx >= self.inject_start
         sliding = self.anatomy.is_sliding(layer_idx)
+        if (visible and not sliding and state.mode == "causal" and state._unpadded
+                and self.anatomy.attn_implementation == "sdpa" and (state._past == 0 or state._query_len == 1)):
+            # Exactly the plain causal mask: let SDPA use its causal kernels (flash / efficient on GPU).
+            return None
         key = (visible, sliding, dtype)
         if key not in state._masks:
             state._masks[key] = build_attention_mask(

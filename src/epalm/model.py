@@ -290,7 +290,7 @@ class EPALM(nn.Module):
         state.start_hidden = text_states
         with self.engine.active(state), self._only_upper_layers(text_states is not None):
             out = self.engine.anatomy.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-        hidden = out.last_hidden_state[:, state.prefix_len:]  # (B, T, d)
+        hidden = out.last_hidden_state[:, state.prefix_len:].contiguous()  # (B, T, d); contiguous: faster head
         result = EPALMOutput()
         if return_logits:
             result.logits = self.lm_logits(hidden)
