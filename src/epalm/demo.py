@@ -15,9 +15,7 @@ and the theme uses the fonts bundled with Gradio or the system's (no font CDN).
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_text
 from .model import EPALM
 
 

@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .io import atomic_write_json
 from .model import EPALM
