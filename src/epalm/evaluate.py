@@ -141,7 +141,9 @@ def _thumbnail(path: str | None, size: int = 160) -> str:
         from PIL import Image
 
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = im.convert("RGBA")
+            white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(white, im).convert("RGB")  # transparent pixels on white, not black
             im.thumbnail((size, size))
             buf = io.BytesIO()
             im.save(buf, format="PNG")

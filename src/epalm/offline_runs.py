@@ -16,19 +16,34 @@
     model (the LM trained on the captions alone: zero image features).
 
 Each writes ``RUN/metrics.json`` (atomic), ``RUN/curves.png`` (training loss, by the Trainer),
-``RUN/examples.html`` (media, prediction, blind prediction, reference), ``RUN/blind/`` (the
-blind model's curves) and prints a summary. Model, encoder and data loading are injectable
+``RUN/examples.html`` (media, prediction, blind prediction, reference), ``RUN/final/`` (the
+trained connectors; they pair with this module's encoder preprocessing), ``RUN/blind/`` (the
+blind model's curves and weights) and prints a summary. The blind model is the same eP-ALM fed
+all-zero features: its connectors can only learn a constant, so it is the LM fine-tuned on the
+texts alone. A missing package raises an error whose message holds its install command
+(``epalm`` prints it and exits with 2). Model, encoder and data loading are injectable
 (``load_lm``, ``load_encoder``, ``root``), which the tests use with tiny random models.
 
 Whisper on short clips: Whisper-base reads 30 s windows (log-mel 80 x 3000, 1500 positions);
-drum samples last 0.7 s (median). :class:`WhisperClipEncoder` keeps only the first
+drum samples last 0.7 s (median; 90% under 4 s). :class:`WhisperClipEncoder` keeps only the first
 ``context_seconds`` of the window (slicing the encoder's sinusoidal position table, as
-whisper.cpp's ``audio_ctx`` does: 4 s is ~9x cheaper than 30 s) and mean-pools each layer over
-the positions that hold audio (``pooling="audio"``) or over all of them (``"all"``).
+whisper.cpp's ``audio_ctx`` does) and mean-pools each layer over the positions that hold audio
+(``pooling="audio"``) or over all of them (``"all"``).
+
+Measured (1 CPU thread on a shared 2-core machine, seed 0, 3 epochs, 124 test clips, so +-4
+points is noise): 4 s / audio 68.5%, 4 s / all 68.5%, 2 s / audio 63.7%, 30 s / audio 67.7%,
+30 s / all (the plain library pooling) 65.3%; encoding the 483 clips took 89 s at 4 s and
+1113 s at 30 s. Hence the 4 s window (12x cheaper, no loss); pooling barely matters here.
+Defaults (5 epochs, lr 2e-3): 74.2% (seed 0) / 74.4% (seed 1) vs blind 25.8% / 31.4% and majority
+class 25.8% / 22.3%. Captioning (6 epochs, lr 3e-3, beam 3): CIDEr 0.156, ROUGE-L 0.282,
+BLEU-1 0.163 vs blind ("A car." for every stamp) CIDEr 0.011, ROUGE-L 0.250, BLEU-1 0.104;
+BLEU-4 is ~0 for both since most descriptions are 2-3 words. DINOv2 at 224 px instead of 112 px:
+CIDEr 0.134, features twice as slow.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import resource
@@ -36,16 +51,23 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from .encoders import Encoder, _whisper_call, wrap_hf_encoder
 
-__all__ = ["WhisperClipEncoder", "run_audio_quickstart", "run_caption_quickstart", "grouped_split",
-           "image_tensor", "format_summary"]
+__all__ = [
+    "WhisperClipEncoder",
+    "format_summary",
+    "grouped_split",
+    "image_tensor",
+    "run_audio_quickstart",
+    "run_caption_quickstart",
+]
 
 Log = Callable[[str], None]
 
@@ -199,21 +221,15 @@ def _build_or_open_cache(path: Path, encoder: nn.Module, name: str, preprocessin
                               progress=False), False
 
 
-class _TextStateTrainer:
-    """Holds the Trainer subclass lazily (accelerate is imported only when training)."""
+@functools.cache
+def _text_state_trainer():
+    """The library's Trainer, also handing ``text_states`` to the model (built lazily: accelerate)."""
+    from .train import Trainer
 
-    cls = None
+    class TextStateTrainer(Trainer):
+        MODEL_KEYS = Trainer.MODEL_KEYS + ("text_states",)
 
-    @classmethod
-    def get(cls):
-        if cls.cls is None:
-            from .train import Trainer
-
-            class TextStateTrainer(Trainer):
-                MODEL_KEYS = Trainer.MODEL_KEYS + ("text_states",)
-
-            cls.cls = TextStateTrainer
-        return cls.cls
+    return TextStateTrainer
 
 
 def _collate(pad_id: int):
@@ -247,13 +263,22 @@ def _text_states(model, encoded: list, pad_id: int, batch_size: int = 64) -> lis
 
 
 def _train(model, items: list[dict], out_dir: Path, *, epochs: int, batch_size: int, lr: float, seed: int,
-           pad_id: int) -> dict:
+           pad_id: int, bucket: bool = False) -> dict:
+    """Train with the library's Trainer. ``bucket``: batches of similar text length, formed once
+    (captions: 6 tokens on average but 23 for the longest of 32 random ones), shuffled each epoch."""
     from .train import OptimConfig, TrainConfig
 
+    collate = _collate(pad_id)
+    steps = math.ceil(len(items) / batch_size)
+    if bucket:
+        rng = random.Random(seed)
+        order = sorted(range(len(items)), key=lambda i: (len(items[i]["input_ids"]), rng.random()))
+        items = [[items[i] for i in order[b:b + batch_size]] for b in range(0, len(order), batch_size)]
+        collate, batch_size = (lambda batches, base=collate: base(batches[0])), 1
     cfg = TrainConfig(output_dir=str(out_dir), epochs=epochs, batch_size=batch_size, cpu=True, seed=seed,
-                      log_every=max(1, math.ceil(len(items) / batch_size) // 2),
+                      log_every=max(1, steps // 2),
                       optim=OptimConfig(lr=lr, warmup_lr=lr / 10, min_lr=lr / 100, weight_decay=0.02))
-    trainer = _TextStateTrainer.get()(model, items, _collate(pad_id), cfg)
+    trainer = _text_state_trainer()(model, items, collate, cfg)
     state = trainer.train()
     shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # optimizer state: not needed afterwards
     model.save_pretrained(out_dir / "final")
@@ -308,9 +333,9 @@ def run_audio_quickstart(
     *,
     seed: int = 0,
     test_fraction: float = 0.25,
-    epochs: int = 15,
+    epochs: int = 5,
     batch_size: int = 16,
-    lr: float = 1e-3,
+    lr: float = 2e-3,
     context_seconds: float = 4.0,
     pooling: str = "audio",
     num_layers: int = 6,
@@ -336,6 +361,10 @@ def run_audio_quickstart(
     out = Path(output_dir)
     _setup(out, threads, seed)
     samples = read_drumkits(root or DEFAULT_DRUMKITS_ROOT)  # first: a missing package fails in a second
+    try:
+        import soundfile  # noqa: F401
+    except ImportError as err:
+        raise ImportError("quickstart-audio decodes the samples with soundfile: pip install 'soundfile>=0.12'") from err
     log(f"data: {len(samples)} labelled drum samples, {dict(Counter(s.answers[0] for s in samples))}")
     lm, tokenizer = (load_lm or _default_lm)()
     whisper, extractor, enc_name = (load_encoder or _default_whisper)()
@@ -437,9 +466,9 @@ def run_caption_quickstart(
     *,
     seed: int = 0,
     test_fraction: float = 0.15,
-    epochs: int = 8,
+    epochs: int = 6,
     batch_size: int = 32,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     image_size: int = 112,
     num_layers: int = 6,
     num_beams: int = 3,
@@ -530,7 +559,7 @@ def run_caption_quickstart(
         trainable = model.parameter_report()["trainable"]
         t = time.perf_counter()
         _train(model, make_items(model, zero), out if name == "model" else out / "blind", epochs=epochs,
-               batch_size=batch_size, lr=lr, seed=seed, pad_id=pad_id)
+               batch_size=batch_size, lr=lr, seed=seed, pad_id=pad_id, bucket=True)
         timings[f"train_{name}_s"] = time.perf_counter() - t
         t = time.perf_counter()
         feats = torch.zeros_like(test_feats) if zero else test_feats
@@ -544,7 +573,7 @@ def run_caption_quickstart(
     rows = [{"sample_id": mid, "question": f"[blind: {b}]" if b is not None else "", "prediction": p,
              "references": refs[mid]} for mid, p, b in zip(test_ids, results["model"], blind_preds)]
     _examples(out / "examples.html", rows, media, "epalm quickstart-caption: Tux Paint stamps (test split)")
-    pick = ("Bleu_4", "ROUGE_L", "CIDEr")
+    pick = ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr")
     metrics = {
         "task": "image captioning (tuxpaint-stamps-default)",
         **{k: scores["model"][k] for k in pick},
@@ -576,17 +605,20 @@ def _features_root() -> Path:
 def format_summary(m: dict, out: Path) -> str:
     """The few lines printed at the end of a run."""
     t = m["timings_s"]
-    lines = [f"== {m['task']}: {m['n_train']} train / {m['n_test']} test, {m['epochs']} epochs, "
-             f"{m['trainable_parameters'] / 1e6:.2f} M trainable parameters"]
+    head = (f"== {m['task']}: {m['n_train']} train / {m['n_test']} test, {m['epochs']} epochs, "
+            f"{m['trainable_parameters'] / 1e6:.2f} M trainable parameters")
+    lines = [head]
     if "accuracy" in m:
         blind = f"{m['blind_accuracy']:.1f}%" if m["blind_accuracy"] is not None else "not run"
         lines.append(f"accuracy {m['accuracy']:.1f}%   blind (no audio) {blind}   "
                      f"majority class ({m['majority_class']}) {m['majority_accuracy']:.1f}%")
     else:
-        blind = ("not run" if m["blind_CIDEr"] is None else f"CIDEr {m['blind_CIDEr']:.3f}  BLEU-4 "
-                 f"{m['blind_Bleu_4']:.3f}  ROUGE-L {m['blind_ROUGE_L']:.3f}")
-        lines.append(f"CIDEr {m['CIDEr']:.3f}  BLEU-4 {m['Bleu_4']:.3f}  ROUGE-L {m['ROUGE_L']:.3f}   "
-                     f"blind (no image): {blind}")
+        def scores(prefix: str) -> str:
+            return "  ".join(f"{label} {m[prefix + key]:.3f}" for label, key in
+                             (("CIDEr", "CIDEr"), ("BLEU-4", "Bleu_4"), ("BLEU-1", "Bleu_1"), ("ROUGE-L", "ROUGE_L")))
+
+        blind = "not run" if m["blind_CIDEr"] is None else scores("blind_")
+        lines.append(f"{scores('')}\nblind (no image, the LM trained on captions alone): {blind}")
     lines.append(f"time {t['total'] / 60:.1f} min (features {t['features']:.0f} s"
                  f"{', reused' if m.get('features_reused') else ''}), peak memory {m['peak_rss_mib']:.0f} MiB")
     lines.append(f"wrote {out / 'metrics.json'}, {out / 'curves.png'}, {out / 'examples.html'}")

@@ -37,8 +37,18 @@ from pathlib import Path
 from .errors import AnnotationError
 from .records import QASample
 
-__all__ = ["DEFAULT_DRUMKITS_ROOT", "APT_COMMAND", "DRUM_CLASSES", "KEYWORDS", "QUESTION", "AUDIO_SUFFIXES",
-           "words_of", "drum_label", "read_drumkit_xml", "read_drumkits"]
+__all__ = [
+    "APT_COMMAND",
+    "AUDIO_SUFFIXES",
+    "DEFAULT_DRUMKITS_ROOT",
+    "DRUM_CLASSES",
+    "KEYWORDS",
+    "QUESTION",
+    "drum_label",
+    "read_drumkit_xml",
+    "read_drumkits",
+    "words_of",
+]
 
 DEFAULT_DRUMKITS_ROOT = Path("/usr/share/hydrogen/data/drumkits")
 APT_COMMAND = "apt-get update && apt-get install -y hydrogen-drumkits"

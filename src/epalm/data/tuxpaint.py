@@ -23,8 +23,15 @@ from pathlib import Path
 from .errors import AnnotationError, MediaError
 from .records import CaptionSample
 
-__all__ = ["DEFAULT_STAMPS_ROOT", "APT_COMMAND", "RSVG_APT_COMMAND", "read_description", "read_tuxpaint_stamps",
-           "render_svg", "composite_on_white"]
+__all__ = [
+    "APT_COMMAND",
+    "DEFAULT_STAMPS_ROOT",
+    "RSVG_APT_COMMAND",
+    "composite_on_white",
+    "read_description",
+    "read_tuxpaint_stamps",
+    "render_svg",
+]
 
 DEFAULT_STAMPS_ROOT = Path("/usr/share/tuxpaint/stamps")
 APT_COMMAND = "apt-get update && apt-get install -y --no-install-recommends tuxpaint-stamps-default"
