@@ -7,10 +7,10 @@ MEASURED (2-core AMD EPYC with AVX512-BF16, no GPU, shared with other jobs: load
 ==============================  ==============================  ==============================
                                 cold run (empty $EPALM_CACHE)   second run (caches warm)
 ==============================  ==============================  ==============================
-eP-ALM accuracy                 87.1%                           WARM_ACC
-blind baseline (same recipe)    67.8%                           WARM_BLIND
-wall clock                      9.4 min                         WARM_MIN
-peak RSS                        1.53 GB                         WARM_RSS
+eP-ALM accuracy                 87.1%                           (being measured)
+blind baseline (same recipe)    67.8%                           (being measured)
+wall clock                      9.4 min                         (being measured)
+peak RSS                        1.53 GB                         (being measured)
 ==============================  ==============================  ==============================
 
 Cold run breakdown: weight conversion + loading 19 s, DINOv2 features of 5,000 images 22 s,
