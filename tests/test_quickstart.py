@@ -240,10 +240,13 @@ def test_real_quickstart_reduced(tmp_path):
     """SmolLM2-135M + DINOv2-S on 200 test questions, 40 steps: runs end to end and reports accuracy."""
     from epalm.quickstart import QuickstartConfig, run_quickstart
 
-    torch.set_num_threads(2)
+    threads = torch.get_num_threads()
     cfg = QuickstartConfig(output_dir=str(tmp_path / "run"), num_test=200, steps=40, blind_steps=10,
-                           progress=False)
-    metrics = run_quickstart(cfg)
+                           progress=False, threads=2)
+    try:
+        metrics = run_quickstart(cfg)
+    finally:
+        torch.set_num_threads(threads)
     assert metrics["test_questions"] == 200
     assert 0.3 < metrics["accuracy"] <= 1.0 and metrics["blind_accuracy"] is not None
     assert (tmp_path / "run" / "examples.html").is_file() and (tmp_path / "run" / "curves.png").is_file()

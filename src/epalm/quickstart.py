@@ -7,10 +7,10 @@ MEASURED (2-core AMD EPYC with AVX512-BF16, no GPU, shared with other jobs: load
 ==============================  ==============================  ==============================
                                 cold run (empty $EPALM_CACHE)   second run (caches warm)
 ==============================  ==============================  ==============================
-eP-ALM accuracy                 87.1%                           (being measured)
-blind baseline (same recipe)    67.8%                           (being measured)
-wall clock                      9.4 min                         (being measured)
-peak RSS                        1.53 GB                         (being measured)
+eP-ALM accuracy                 87.1%                           87.1%
+blind baseline (same recipe)    67.8%                           67.8%
+wall clock                      9.4 min                         8.4 min
+peak RSS                        1.53 GB                         1.52 GB
 ==============================  ==============================  ==============================
 
 Cold run breakdown: weight conversion + loading 19 s, DINOv2 features of 5,000 images 22 s,
@@ -468,12 +468,24 @@ def _train(cfg: QuickstartConfig, model, encoded: list[tuple[tuple[int, ...], tu
 
     tcfg = TrainConfig(output_dir=str(out_dir), epochs=max(1, math.ceil(steps * cfg.batch_size / len(encoded))),
                        batch_size=cfg.batch_size, seed=cfg.seed, max_steps=steps, log_every=10,
-                       cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no",
+                       cpu=device.type == "cpu",
                        optim=OptimConfig(lr=cfg.lr, warmup_lr=cfg.lr / 10, min_lr=cfg.lr / 100))
-    trainer = _trainer_class()(model, list(range(len(encoded))), collate, tcfg)
-    t0 = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - t0
+    # bf16 autocast is applied here rather than by accelerate's mixed_precision: accelerate keeps
+    # one process-wide state, which refuses a second Trainer with another precision in a process
+    forward = model.forward
+
+    def autocast_forward(*args, **kwargs):
+        with _autocast(device, bf16):
+            return forward(*args, **kwargs)
+
+    model.forward = autocast_forward
+    try:
+        trainer = _trainer_class()(model, list(range(len(encoded))), collate, tcfg)
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+    finally:
+        del model.forward  # back to EPALM.forward
     rows = []
     if (out_dir / "metrics.csv").exists():
         import csv
