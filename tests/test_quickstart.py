@@ -11,7 +11,11 @@ import re
 import pytest
 import torch
 
-from epalm.data.easy_vqa import EasyVQANotInstalled, read_easy_vqa, read_easy_vqa_answers
+from epalm.data.easy_vqa import (
+    EasyVQANotInstalled,
+    read_easy_vqa,
+    read_easy_vqa_answers,
+)
 from epalm.data.errors import AnnotationError
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
@@ -109,11 +113,11 @@ class WordTokenizer:
 
 
 def tiny_parts(root):
+    from conftest import tiny_vit
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from epalm.encoders import wrap_hf_encoder
     from epalm.quickstart import QuickstartParts
-    from conftest import tiny_vit
 
     tok = WordTokenizer()
     torch.manual_seed(0)

@@ -26,9 +26,9 @@ from .records import QASample
 
 __all__ = [
     "EASY_VQA_PIP",
-    "EasyVQANotInstalled",
     "PUBLISHED_BASELINES",
     "SPLITS",
+    "EasyVQANotInstalled",
     "easy_vqa_root",
     "read_easy_vqa",
     "read_easy_vqa_answers",
