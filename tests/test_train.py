@@ -124,3 +124,42 @@ def test_logged_loss_is_the_global_token_mean(tmp_path):
     Trainer(model, ds, collate, cfg).train()
     row = next(csv.DictReader((tmp_path / "log" / "metrics.csv").open()))
     assert float(row["loss"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_trainers_with_different_precisions_share_a_process(tmp_path):
+    """Mixed precision belongs to each Trainer (not to accelerate's process-wide state)."""
+    seen = {}
+    for name, precision in (("fp32", "no"), ("bf16", "bf16"), ("fp32-again", "no")):
+        trainer, model = run(tmp_path, name, epochs=1, mixed_precision=precision)
+        flags = []
+        handle = model.connector.register_forward_pre_hook(lambda *_: flags.append(torch.is_autocast_enabled("cpu")))
+        trainer.train()
+        handle.remove()
+        seen[name] = set(flags)
+        assert all(torch.isfinite(v).all() for v in model.trainable_state_dict().values())
+    assert seen == {"fp32": {False}, "bf16": {True}, "fp32-again": {False}}
+
+
+def test_every_forward_input_a_batch_carries_reaches_the_model(tmp_path):
+    """A batch key that EPALM.forward accepts (here text_states) is passed on; others are not."""
+    model = tiny_model(variant="lin")
+    ds = ColourDataset(8)
+
+    def collate_with_states(items):
+        batch = collate(items)
+        batch["text_states"] = model.text_states(batch["input_ids"], batch["attention_mask"])
+        batch["sample_ids"] = list(range(len(items)))  # not a model input: must not be passed
+        return batch
+
+    received = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        received.append(set(kwargs))
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    cfg = TrainConfig(output_dir=str(tmp_path / "ts"), epochs=1, batch_size=4, cpu=True, log_every=1,
+                      optim=OptimConfig(lr=1e-2))
+    Trainer(model, ds, collate_with_states, cfg).train()
+    assert received and all("text_states" in r and "sample_ids" not in r for r in received)

@@ -43,7 +43,6 @@ CIDEr 0.134, features twice as slow.
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 import resource
@@ -221,17 +220,6 @@ def _build_or_open_cache(path: Path, encoder: nn.Module, name: str, preprocessin
                               progress=False), False
 
 
-@functools.cache
-def _text_state_trainer():
-    """The library's Trainer, also handing ``text_states`` to the model (built lazily: accelerate)."""
-    from .train import Trainer
-
-    class TextStateTrainer(Trainer):
-        MODEL_KEYS = Trainer.MODEL_KEYS + ("text_states",)
-
-    return TextStateTrainer
-
-
 def _collate(pad_id: int):
     from .data.text import IGNORE_INDEX, pad_sequences
 
@@ -266,7 +254,7 @@ def _train(model, items: list[dict], out_dir: Path, *, epochs: int, batch_size: 
            pad_id: int, bucket: bool = False) -> dict:
     """Train with the library's Trainer. ``bucket``: batches of similar text length, formed once
     (captions: 6 tokens on average but 23 for the longest of 32 random ones), shuffled each epoch."""
-    from .train import OptimConfig, TrainConfig
+    from .train import OptimConfig, TrainConfig, Trainer
 
     collate = _collate(pad_id)
     steps = math.ceil(len(items) / batch_size)
@@ -278,7 +266,7 @@ def _train(model, items: list[dict], out_dir: Path, *, epochs: int, batch_size: 
     cfg = TrainConfig(output_dir=str(out_dir), epochs=epochs, batch_size=batch_size, cpu=True, seed=seed,
                       log_every=max(1, steps // 2),
                       optim=OptimConfig(lr=lr, warmup_lr=lr / 10, min_lr=lr / 100, weight_decay=0.02))
-    trainer = _text_state_trainer()(model, items, collate, cfg)
+    trainer = Trainer(model, items, collate, cfg)
     state = trainer.train()
     shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # optimizer state: not needed afterwards
     model.save_pretrained(out_dir / "final")

@@ -441,15 +441,6 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], features: torch.Tenso
 
 
 # ----------------------------------------------------------------------------------- training
-def _trainer_class():
-    from .train import Trainer
-
-    class TextStateTrainer(Trainer):
-        MODEL_KEYS = Trainer.MODEL_KEYS + ("text_states",)
-
-    return TextStateTrainer
-
-
 def _build_model(cfg: QuickstartConfig, parts: QuickstartParts, encoder_dim: int, device: torch.device):
     from .config import EPALMConfig
     from .model import EPALM
@@ -466,7 +457,7 @@ def _train(cfg: QuickstartConfig, model, encoded: list[tuple[tuple[int, ...], tu
            feats: torch.Tensor, states: TextStates, out_dir: Path, steps: int, blind: bool,
            device: torch.device, bf16: bool, pad_id: int) -> dict:
     from .data.text import pad_sequences
-    from .train import OptimConfig, TrainConfig
+    from .train import OptimConfig, TrainConfig, Trainer
 
     for name in ("metrics.csv", "eval.csv", "curves.png"):
         (out_dir / name).unlink(missing_ok=True)
@@ -483,24 +474,12 @@ def _train(cfg: QuickstartConfig, model, encoded: list[tuple[tuple[int, ...], tu
 
     tcfg = TrainConfig(output_dir=str(out_dir), epochs=max(1, math.ceil(steps * cfg.batch_size / len(encoded))),
                        batch_size=cfg.batch_size, seed=cfg.seed, max_steps=steps, log_every=10,
-                       cpu=device.type == "cpu",
+                       cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no",
                        optim=OptimConfig(lr=cfg.lr, warmup_lr=cfg.lr / 10, min_lr=cfg.lr / 100))
-    # bf16 autocast is applied here rather than by accelerate's mixed_precision: accelerate keeps
-    # one process-wide state, which refuses a second Trainer with another precision in a process
-    forward = model.forward
-
-    def autocast_forward(*args, **kwargs):
-        with _autocast(device, bf16):
-            return forward(*args, **kwargs)
-
-    model.forward = autocast_forward
-    try:
-        trainer = _trainer_class()(model, list(range(len(encoded))), collate, tcfg)
-        t0 = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - t0
-    finally:
-        del model.forward  # back to EPALM.forward
+    trainer = Trainer(model, list(range(len(encoded))), collate, tcfg)
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
     rows = []
     if (out_dir / "metrics.csv").exists():
         import csv

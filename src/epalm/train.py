@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import inspect
 import json
 import math
 import random
@@ -161,7 +162,9 @@ class Trainer:
     selects the best checkpoint, saved to ``output_dir/best``.
     """
 
-    MODEL_KEYS = ("pixel_values", "media", "features", "input_ids", "attention_mask", "labels")
+    # every batch key that EPALM.forward accepts is passed on (pixel_values, features, text_states, ...)
+    MODEL_KEYS = tuple(name for name in inspect.signature(EPALM.forward).parameters
+                       if name not in ("self", "return_logits"))
 
     def __init__(
         self,
@@ -175,8 +178,10 @@ class Trainer:
 
         self.cfg = config
         self.out = Path(config.output_dir)
-        # accumulation is done by hand (see train): the loss is normalised over the whole window
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+        # accumulation is done by hand (see train): the loss is normalised over the whole window.
+        # Mixed precision is applied by this Trainer (autocast + grad scaler), not by accelerate, whose
+        # precision state is process-wide: several Trainers with different precisions share a process.
+        self.accelerator = Accelerator(cpu=config.cpu)
         acc = self.accelerator
         if config.batch_size % (acc.num_processes * config.grad_accum):
             raise ValueError(f"batch_size {config.batch_size} is not divisible by processes x grad_accum "
@@ -199,6 +204,13 @@ class Trainer:
         self.state = {"epoch": 0, "batch": 0, "step": 0, "best_score": None, "skipped_nan": 0}
         self.flops_fwd, self.flops_bwd = forward_flops_per_token(model)
         self.peak = _peak_flops(acc.device)
+        self.amp_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.mixed_precision]
+        self.scaler = (torch.amp.GradScaler(acc.device.type) if self.amp_dtype is torch.float16 else None)
+
+    def autocast(self):
+        """The one mixed-precision context of training steps (and of evaluation callers that want it)."""
+        return torch.autocast(self.accelerator.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
 
     # -------------------------------------------------------------- checkpointing
     @property
@@ -215,7 +227,7 @@ class Trainer:
             tmp.mkdir(parents=True)
             self.unwrapped.save_pretrained(tmp)
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "rng": _rng_state()}, tmp / "trainer_state.pt")
+                        "scaler": self.scaler.state_dict() if self.scaler else None, "rng": _rng_state()}, tmp / "trainer_state.pt")
             atomic_write_json(tmp / "trainer_state.json", self.state)
             old = self.out / f".{name}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -235,6 +247,8 @@ class Trainer:
         blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
+        if self.scaler and blob.get("scaler"):
+            self.scaler.load_state_dict(blob["scaler"])
         _set_rng_state(blob["rng"])
         self.state = json.loads((path / "trainer_state.json").read_text())
         return True
@@ -291,7 +305,8 @@ class Trainer:
             ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
             with ctx:
                 inputs = {k: v for k, v in batch.items() if k in self.MODEL_KEYS}
-                out = self.model(**inputs, return_logits=False)
+                with self.autocast():
+                    out = self.model(**inputs, return_logits=False)
                 if official:
                     loss = out.loss / len(live)
                 else:
@@ -306,13 +321,19 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     self.state["skipped_nan"] += 1
                     return float("nan"), False
-                acc.backward(loss)
+                acc.backward(self.scaler.scale(loss) if self.scaler else loss)
                 ce_sum += out.loss_per_sample.detach().sum()
         if not live:
             return float("nan"), False
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         if cfg.optim.max_grad_norm:
             acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skips the step when the scaled grads overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(acc.reduce(ce_sum, reduction="sum") / total), True
