@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from .config import EPALMConfig
+from .config import EPALMConfig, check_fields
+from .errors import ConfigError, RunDirError, UserError
 from .evaluate import GenerationConfig
 from .train import TrainConfig, config_from_dict
 
@@ -53,6 +54,18 @@ class DataConfig:
     feature_cache_dtype: str = "float16"  # storage of cached features; "float32" reproduces uncached training
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_fields(self, "data", ranges={"image_size": (">=", 1), "fraction": (">", 0), "num_samples": (">=", 1),
+                                           "max_eval_samples": (">=", 1), "num_frames": (">=", 1)},
+                     choices={"audio_features": ("ast", "whisper"), "loss_on": ("answer", "all"),
+                              "on_error": ("raise", "skip"), "feature_cache_dtype": ("float16", "float32")})
+        if self.fraction is not None and self.fraction > 1:
+            raise ConfigError(f"data.fraction must be in (0, 1], got {self.fraction}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 3 or (name == "std" and min(value) <= 0)):
+                raise ConfigError(f"data.{name} must be 3 numbers{' > 0' if name == 'std' else ''}, got {value}")
+
 
 @dataclass
 class EvalConfig:
@@ -61,6 +74,14 @@ class EvalConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     html_examples: int = 100
     caption_metrics: list[str] | None = None  # None: all (BLEU, METEOR, ROUGE_L, CIDEr, SPICE)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.generation, dict):
+            self.generation = GenerationConfig(**self.generation)
+        check_fields(self, "eval", ranges={"batch_size": (">=", 1), "html_examples": (">=", 0)})
+        check_fields(self.generation, "eval.generation",
+                     ranges={"max_new_tokens": (">=", 1), "num_beams": (">=", 1), "top_k": (">=", 1),
+                             "top_p": (">", 0), "temperature": (">", 0)})
 
 
 @dataclass
@@ -120,9 +141,12 @@ def run_config_from_dict(data: dict, source: str = "config") -> RunConfig:
     _check_keys(ev, EvalConfig, f"{source}: eval")
     gen = ev.pop("generation", {})
     _check_keys(gen, GenerationConfig, f"{source}: eval.generation")
-    return RunConfig(model=model, data=DataConfig(**data.get("data", {})),
-                     train=config_from_dict(data.get("train", {}), source=f"{source}: train"),
-                     eval=EvalConfig(generation=GenerationConfig(**gen), **ev))
+    try:
+        return RunConfig(model=model, data=DataConfig(**data.get("data", {})),
+                         train=config_from_dict(data.get("train", {}), source=f"{source}: train"),
+                         eval=EvalConfig(generation=GenerationConfig(**gen), **ev))
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from err
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -230,8 +254,39 @@ def build_feature_cache(cfg: RunConfig, encoder, datasets, progress: bool = True
                               progress=progress, resume=True)
 
 
-def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train the recipe; evaluate each epoch; keep ``best/``; write curves, predictions and HTML."""
+# what a training run leaves in its folder (``epalm train`` refuses to mix two runs in one folder)
+RUN_ARTEFACTS = ("checkpoint", "best", ".checkpoint.tmp", ".checkpoint.old", ".best.tmp", ".best.old",
+                 "metrics.csv", "eval.csv")
+REPLACED = ("run_config.json", "curves.png", "tensorboard")  # also removed by --overwrite
+# data fields a resumed run may change (where the files are; evaluation only)
+DATA_RESUMABLE = ("root", "eval_root", "feature_cache", "eval_dataset", "eval_split", "max_eval_samples")
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into a folder that holds another run, unless resuming it or ``overwrite``."""
+    import shutil
+
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"train.output_dir {out} is a file, not a folder")
+    if resume or not out.is_dir():
+        return
+    found = sorted(p.name for p in out.iterdir()
+                   if p.name in RUN_ARTEFACTS or (p.name.startswith("eval_epoch") and p.is_dir()))
+    if found and not overwrite:
+        raise RunDirError(f"train.output_dir {out} already holds a run ({', '.join(found[:6])}"
+                          f"{', ...' if len(found) > 6 else ''}): pass --resume to continue it, or --overwrite to "
+                          "start again and replace it")
+    for name in [*found, *(n for n in REPLACED if (out / n).exists())]:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, overwrite: bool = False,
+              allow_fresh: bool = False) -> dict[str, Any]:
+    """Train the recipe; evaluate each epoch; keep ``best/``; write curves, predictions and HTML.
+
+    A folder that already holds a run is refused unless ``resume`` (continue it; with no checkpoint
+    that is an error unless ``allow_fresh``) or ``overwrite`` (its run artefacts are removed)."""
     from accelerate.utils import set_seed
 
     from .data import make_collate_fn
@@ -240,8 +295,11 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> di
     from .train import Trainer
 
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "run_config.json", cfg.to_dict())
+    prepare_run_dir(out, resume, overwrite)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(f"train.output_dir {out}: cannot create it ({err.strerror or err})") from err
     set_seed(cfg.train.seed)  # the connectors' initialisation must not depend on what ran before
     tokenizer = load_tokenizer(cfg)
     model = EPALM.from_config(cfg.model)
@@ -250,14 +308,23 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> di
         train_plain, eval_plain = build_datasets(cfg, tokenizer)
         lookup = build_feature_cache(cfg, model.encoder, [train_plain, eval_plain], progress)
     train_ds, eval_ds = build_datasets(cfg, tokenizer, feature_lookup=lookup)
+    d = cfg.data
+    for ds, split, root in ((train_ds, d.train_split, d.root), (eval_ds, d.eval_split, d.eval_root or d.root)):
+        if len(ds) == 0:
+            raise UserError(f"data: split {split!r} of {d.eval_dataset if ds is eval_ds and d.eval_dataset else d.dataset}"
+                            f" in {root} has no samples: nothing to {'train on' if ds is train_ds else 'evaluate'}")
     collate = make_collate_fn(tokenizer)
 
     def evaluate(m, epoch):  # sharded over the processes of a distributed run, gathered on each
         return evaluate_and_write(cfg, m, eval_ds, collate, tokenizer, out / f"eval_epoch{epoch}", progress,
                                   accelerator=trainer.accelerator)
 
-    trainer = Trainer(model, train_ds, collate, cfg.train, evaluate=evaluate)
-    state = trainer.train(resume=resume)
+    data_fp = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in DATA_RESUMABLE}
+    trainer = Trainer(model, train_ds, collate, cfg.train, evaluate=evaluate, fingerprint={"data": data_fp})
+    if resume:
+        trainer.resume_or_start(allow_fresh)  # checks the checkpoint fits before anything is written
+    atomic_write_json(out / "run_config.json", cfg.to_dict())
+    state = trainer.train()
     return state
 
 

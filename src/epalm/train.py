@@ -17,10 +17,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import json
+import io
 import math
-import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +28,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .io import atomic_write_json
+from . import checkpoint as ckpt
+from .config import check_fields
+from .errors import CheckpointError, ConfigError, UserError
+from .io import atomic_write_json, atomic_write_text
 from .model import EPALM
 
 
@@ -44,6 +45,13 @@ class OptimConfig:
     prompt_lr: float | None = None  # fixed lr for soft prompts / adapters (paper: 1e-5; pt-L: 1e-3)
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self, "train.optim", ranges={"lr": (">", 0), "warmup_lr": (">=", 0), "min_lr": (">=", 0),
+                                                  "warmup_steps": (">=", 0), "weight_decay": (">=", 0),
+                                                  "prompt_lr": (">", 0), "max_grad_norm": (">", 0)})
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
 
 
 @dataclass
@@ -65,6 +73,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.optim, dict):
             self.optim = OptimConfig(**self.optim)
+        if not isinstance(self.optim, OptimConfig):
+            raise ConfigError(f"train.optim must be a mapping, got {self.optim!r}")
+        check_fields(self, "train", ranges={"epochs": (">=", 1), "batch_size": (">=", 1), "grad_accum": (">=", 1),
+                                            "max_steps": (">=", 1), "log_every": (">=", 1), "save_every": (">=", 1),
+                                            "num_workers": (">=", 0)})
         if self.on_nan not in ("stop", "skip"):
             raise ValueError(f"on_nan must be 'stop' or 'skip', got {self.on_nan!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -138,21 +151,6 @@ class EpochOrder:
         return torch.randperm(self.n, generator=g)[start_batch * self.batch_size:].tolist()
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Trainer:
     """Train the trainable parts of an EPALM on batches ``dict(input_ids, attention_mask, labels,
     pixel_values | features, ...)`` produced by ``collate``.
@@ -170,9 +168,12 @@ class Trainer:
         collate: Callable[[list], dict],
         config: TrainConfig,
         evaluate: Callable[[EPALM, int], dict] | None = None,
+        fingerprint: dict | None = None,
     ) -> None:
         from accelerate import Accelerator
 
+        if len(train_dataset) == 0:
+            raise UserError("the training set is empty: nothing to train on (check the data root and split)")
         self.cfg = config
         self.out = Path(config.output_dir)
         # accumulation is done by hand (see train): the loss is normalised over the whole window
@@ -199,6 +200,10 @@ class Trainer:
         self.state = {"epoch": 0, "batch": 0, "step": 0, "best_score": None, "skipped_nan": 0}
         self.flops_fwd, self.flops_bwd = forward_flops_per_token(model)
         self.peak = _peak_flops(acc.device)
+        # what a resumed run must share with the run that wrote the checkpoint (train.*, model.*, data size)
+        self.fingerprint = {"model": model.config.to_dict(), "dataset_size": len(train_dataset),
+                            "train": {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE},
+                            **(fingerprint or {})}
 
     # -------------------------------------------------------------- checkpointing
     @property
@@ -206,38 +211,67 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def save_checkpoint(self, name: str = "checkpoint") -> Path:
-        """Trainable weights + optimizer + scheduler + RNG + data position, swapped in atomically."""
+        """Trainable weights + optimizer + scheduler + RNG + data position, swapped in crash-safely
+        (``epalm.checkpoint``: no pickle; a crash at any point leaves a complete checkpoint)."""
         acc = self.accelerator
         final = self.out / name
         if acc.is_main_process:
-            tmp = self.out / f".{name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            self.unwrapped.save_pretrained(tmp)
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "rng": _rng_state()}, tmp / "trainer_state.pt")
-            atomic_write_json(tmp / "trainer_state.json", self.state)
-            old = self.out / f".{name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            def write(tmp: Path) -> dict:
+                self.unwrapped.save_pretrained(tmp)
+                trainer = ckpt.write_trainer_state(tmp, self.optimizer.state_dict(), self.scheduler.state_dict(),
+                                                   self.state)
+                return {"fingerprint": self.fingerprint, "trainer": trainer}
+
+            try:
+                ckpt.write_swapped(self.out, name, write)
+            except OSError as err:
+                raise CheckpointError(f"{self.out}: cannot write the {name} ({err.strerror or err}); the previous "
+                                      f"{name} (if any) is intact") from err
         acc.wait_for_everyone()
         return final
 
     def resume(self, path: str | Path | None = None) -> bool:
-        """Continue from ``output_dir/checkpoint`` (or ``path``); False when there is none."""
-        path = Path(path) if path else self.out / "checkpoint"
-        if not (path / "trainer_state.json").is_file():
+        """Continue from the newest complete checkpoint in ``output_dir`` (or ``path``); False when
+        there is none. A damaged checkpoint or one from a differently configured run is an error."""
+        out, name = (Path(path).parent, Path(path).name) if path else (self.out, "checkpoint")
+        folder = ckpt.recover(out, name) if self.accelerator.is_main_process else out / name
+        self.accelerator.wait_for_everyone()
+        if folder is None or not folder.is_dir():
+            if (out / name).exists():  # a damaged checkpoint is an error; a half-written .tmp is no checkpoint
+                raise CheckpointError(f"{out}: no complete checkpoint to resume from "
+                                      f"({ckpt.describe_missing(out, name)})")
             return False
-        self.unwrapped.load_trainable(path / "epalm_weights.safetensors")
-        blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(blob["optimizer"])
-        self.scheduler.load_state_dict(blob["scheduler"])
-        _set_rng_state(blob["rng"])
-        self.state = json.loads((path / "trainer_state.json").read_text())
+        manifest, why = ckpt.read_manifest(folder)
+        if manifest is None:
+            raise CheckpointError(f"{folder}: cannot resume: {why}")
+        ckpt.check_fingerprint(folder, manifest.get("fingerprint"), self.fingerprint)
+        self.unwrapped.load_trainable(folder / "epalm_weights.safetensors")
+        optimizer, scheduler, state = ckpt.read_trainer_state(folder, manifest)
+        try:
+            self.optimizer.load_state_dict(optimizer)
+            self.scheduler.load_state_dict(scheduler)
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise CheckpointError(f"{folder}: the optimizer state does not fit this model ({err})") from err
+        self.state = state
+        if self.accelerator.is_main_process:
+            ckpt.recover(self.out, "best")
+            _truncate_csv(self.out / "metrics.csv", lambda row: int(row["step"]) <= state["step"])
+            _truncate_csv(self.out / "eval.csv", lambda row: int(row["epoch"]) < state["epoch"])
         return True
+
+    def resume_or_start(self, allow_fresh: bool = False) -> bool:
+        """:meth:`resume`, saying so; no checkpoint at all is an error unless ``allow_fresh``."""
+        if self.resume():
+            self.accelerator.print(f"resumed from {self.out / 'checkpoint'} at epoch {self.state['epoch']} "
+                                   f"batch {self.state['batch']} (step {self.state['step']})")
+            return True
+        if not allow_fresh:
+            raise CheckpointError(f"--resume: no checkpoint in {self.out} (is the output_dir right?); to start "
+                                  "from scratch there, drop --resume (or pass --resume-or-start)")
+        if self.accelerator.is_main_process:  # starting over: rows of a run that never saved go
+            _truncate_csv(self.out / "metrics.csv", lambda row: False)
+            _truncate_csv(self.out / "eval.csv", lambda row: False)
+        return False
 
     # -------------------------------------------------------------- loop
     def _loader(self, epoch: int, start_batch: int) -> Iterable:
@@ -317,69 +351,90 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return float(acc.reduce(ce_sum, reduction="sum") / total), True
 
-    def train(self, resume: bool = False) -> dict:
+    def train(self, resume: bool = False, allow_fresh: bool = False) -> dict:
+        """Train to the end. ``resume=True`` continues from the newest complete checkpoint; with no
+        checkpoint at all it is an error, unless ``allow_fresh`` (then it starts from scratch)."""
         cfg, acc = self.cfg, self.accelerator
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"train.output_dir {self.out} is a file, not a folder")
         self.out.mkdir(parents=True, exist_ok=True)
-        if resume and self.resume():
-            acc.print(f"resumed from {self.out / 'checkpoint'} at epoch {self.state['epoch']} "
-                      f"batch {self.state['batch']} (step {self.state['step']})")
-        log_path = self.out / "metrics.csv"
+        if resume:
+            self.resume_or_start(allow_fresh)
         tb = _tensorboard(self.out) if acc.is_main_process else None
+        try:
+            self._train_loop(tb)
+        finally:
+            if tb is not None:
+                tb.close()
+        if acc.is_main_process:
+            plot_curves(self.out)
+        return self.state
+
+    def _train_loop(self, tb) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        log_path = self.out / "metrics.csv"
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.state["step"], disable=not acc.is_main_process,
                    desc="train", unit="step", dynamic_ncols=True)
         t0, samples, tokens_seen = time.perf_counter(), 0, 0
         self.model.train()
-        done = self.state["step"] >= self.total_steps
-        while not done and self.state["epoch"] < cfg.epochs:
+        per_epoch = self.order.batches_per_epoch()
+        while self.state["epoch"] < cfg.epochs:
             epoch = self.state["epoch"]
-            for window in self._loader(epoch, self.state["batch"]):
-                loss, stepped = self._step(window)
-                self.state["batch"] += len(window)
-                samples += sum(size for _, size in window)
-                tokens_seen += sum(int(b["attention_mask"].sum()) for b, _ in window if b is not None) * acc.num_processes
-                if not stepped:
-                    continue
-                self.state["step"] += 1
-                bar.update(1)
-                step = self.state["step"]
-                if step % cfg.log_every == 0 or step == self.total_steps:
-                    elapsed = time.perf_counter() - t0
-                    row = {"step": step, "epoch": epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                           "samples_per_s": samples / elapsed, "tokens_per_s": tokens_seen / elapsed}
-                    flops = (self.flops_fwd + self.flops_bwd) * row["tokens_per_s"]
-                    row["mfu"] = flops / self.peak if self.peak else None
-                    bar.set_postfix(loss=f"{loss:.3f}", sps=f"{row['samples_per_s']:.1f}")
-                    if acc.is_main_process:
-                        _append_csv(log_path, row)
-                        if tb:
-                            for k, v in row.items():
-                                if isinstance(v, float):
-                                    tb.add_scalar(f"train/{k}", v, step)
-                if cfg.save_every and step % cfg.save_every == 0:
-                    self.save_checkpoint()
-                if step >= self.total_steps:
-                    done = True
-                    break
-            if not done or self.state["batch"] >= self.order.batches_per_epoch():
+            trained = False
+            if self.state["step"] < self.total_steps and self.state["batch"] < per_epoch:
+                for window in self._loader(epoch, self.state["batch"]):
+                    loss, stepped = self._step(window)
+                    trained = True
+                    self.state["batch"] += len(window)
+                    samples += sum(size for _, size in window)
+                    tokens_seen += (sum(int(b["attention_mask"].sum()) for b, _ in window if b is not None)
+                                    * acc.num_processes)
+                    if not stepped:
+                        continue
+                    self.state["step"] += 1
+                    bar.update(1)
+                    step = self.state["step"]
+                    if step % cfg.log_every == 0 or step == self.total_steps:
+                        elapsed = time.perf_counter() - t0
+                        row = {"step": step, "epoch": epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                               "samples_per_s": samples / elapsed, "tokens_per_s": tokens_seen / elapsed}
+                        flops = (self.flops_fwd + self.flops_bwd) * row["tokens_per_s"]
+                        row["mfu"] = flops / self.peak if self.peak else None
+                        bar.set_postfix(loss=f"{loss:.3f}", sps=f"{row['samples_per_s']:.1f}")
+                        if acc.is_main_process:
+                            _append_csv(log_path, row)
+                            ckpt.fault("train.after_log_row")
+                            if tb:
+                                for k, v in row.items():
+                                    if isinstance(v, float):
+                                        tb.add_scalar(f"train/{k}", v, step)
+                    if cfg.save_every and step % cfg.save_every == 0:
+                        self.save_checkpoint()
+                    if step >= self.total_steps:
+                        break
+            if self.state["batch"] >= per_epoch:  # the epoch's batches are done: evaluate, then save
                 self.state["epoch"] += 1
                 self.state["batch"] = 0
                 self._end_of_epoch(epoch, tb)
-            self.save_checkpoint()
+                self.save_checkpoint()
+            elif trained:  # stopped inside the epoch by max_steps
+                self.save_checkpoint()
+            if self.state["step"] >= self.total_steps:
+                break
         bar.close()
-        if acc.is_main_process:
-            plot_curves(self.out)
-        return self.state
 
     def _end_of_epoch(self, epoch: int, tb) -> None:
         if self.evaluate_fn is None:
             return
         metrics = self.evaluate_fn(self.unwrapped, epoch)
+        ckpt.fault("train.during_eval")
         row = {"step": self.state["step"], "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()
                                                                if isinstance(v, (int, float))}}
         if self.accelerator.is_main_process:
             _append_csv(self.out / "eval.csv", row)
+            ckpt.fault("train.after_eval_row")
             if tb:
                 for k, v in row.items():
                     if k.startswith("eval_"):
@@ -389,12 +444,19 @@ class Trainer:
         if score is not None and (best is None or score > best):
             self.state["best_score"] = score
             if self.accelerator.is_main_process:
-                tmp = self.out / ".best.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                self.unwrapped.save_pretrained(tmp)
-                atomic_write_json(tmp / "metrics.json", {"epoch": epoch, **metrics})
-                shutil.rmtree(self.out / "best", ignore_errors=True)
-                tmp.rename(self.out / "best")
+                def write(tmp: Path) -> None:
+                    self.unwrapped.save_pretrained(tmp)
+                    atomic_write_json(tmp / "metrics.json", {"epoch": epoch, **metrics})
+
+                try:
+                    ckpt.write_swapped(self.out, "best", write)
+                except OSError as err:
+                    raise CheckpointError(f"{self.out}: cannot write best/ ({err.strerror or err}); the previous "
+                                          "best/ (if any) is intact") from err
+
+
+# TrainConfig fields that may change when resuming (they do not change the weights)
+RESUMABLE = ("output_dir", "log_every", "save_every", "num_workers", "cpu", "on_nan")
 
 
 def _tensorboard(out: Path):
@@ -412,6 +474,29 @@ def _append_csv(path: Path, row: dict) -> None:
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def _truncate_csv(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Drop the rows a resumed run will write again (those after its checkpoint), atomically."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    kept = []
+    for row in rows:
+        try:
+            if keep(row):
+                kept.append(row)
+        except (TypeError, ValueError):  # a half-written last line from a crash
+            continue
+    if len(kept) == len(rows) or not fields:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(kept)
+    atomic_write_text(path, buf.getvalue())
 
 
 def plot_curves(out: Path) -> Path | None:
