@@ -267,9 +267,12 @@ def user_error_message(err: BaseException) -> str | None:
     from .data.errors import MediaError
     from .feature_cache import CacheError
 
-    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.errno in _USER_ERRNOS:
-        where = f": {err.filename}" if err.filename else ""
-        return f"{err.strerror or err}{where}"
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and (
+            err.errno in _USER_ERRNOS or err.errno is None or isinstance(err, (PermissionError, FileExistsError, IsADirectoryError,
+                                                          NotADirectoryError))):
+        if err.strerror is None:
+            return str(err)
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
     if isinstance(err, (UserError, ValueError, FileNotFoundError, KeyError, MediaError, CacheError)):
         return str(err)
     return None

@@ -183,6 +183,16 @@ class EPALMConfig:
         return config
 
 
+def check_model_path(name: str, what: str) -> None:
+    """A name that can only be a local path (``/x``, ``./x``, ``~/x``, ``a/b/c``) must be a folder;
+    otherwise transformers would report it as a malformed hub id."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{what} must be a hub id or a local folder, got {name!r}")
+    path_like = name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
+    if path_like and not Path(name).expanduser().is_dir():
+        raise FileNotFoundError(f"{what} {name!r}: no such directory (and not a hub id like 'owner/name')")
+
+
 # keyword arguments of ``from_pretrained`` that make transformers import and run Python code
 CODE_LOADING_KEYS = ("trust_remote_code", "code_revision")
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import EPALMConfig
+from .config import EPALMConfig, check_model_path
 from .connectors import Connector, DeepPrompt, LayerAdapters, SoftPrompt
 from .injection import (
     InjectionEngine,
@@ -114,6 +114,7 @@ class EPALM(nn.Module):
 
         from .encoders import load_encoder
 
+        check_model_path(config.lm, "model.lm")
         lm_kwargs = dict(config.lm_kwargs)
         lm_kwargs.setdefault("attn_implementation", "sdpa")
         for key in ("dtype", "torch_dtype"):

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .config import EPALMConfig, check_fields
+from .config import EPALMConfig, check_fields, check_model_path
 from .errors import ConfigError, RunDirError, UserError
 from .evaluate import GenerationConfig
 from .train import TrainConfig, config_from_dict
@@ -203,8 +203,10 @@ def preprocessing_fingerprint(cfg: RunConfig) -> dict[str, Any]:
             "std": d.std, "num_frames": d.num_frames, "audio_features": d.audio_features}
 
 
-def build_datasets(cfg: RunConfig, tokenizer, feature_lookup=None):
-    """(train, eval) datasets of the recipe."""
+def build_datasets(cfg: RunConfig, tokenizer, feature_lookup=None, max_length: int | None = None):
+    """(train, eval) datasets of the recipe. ``max_length``: text tokens the LM can take (see
+    ``epalm.data.text.text_token_limit``); longer training texts are cut (answer kept), longer
+    evaluation prompts keep their end, leaving room for the generated tokens."""
     from .data import CaptionDataset, VQADataset, load_samples
 
     d = cfg.data
@@ -212,19 +214,22 @@ def build_datasets(cfg: RunConfig, tokenizer, feature_lookup=None):
     common = dict(on_error=d.on_error, loss_on=d.loss_on, feature_lookup=feature_lookup)
     loader = None if feature_lookup is not None else media_loader(cfg)
     train = cls(load_samples(d.dataset, d.root, d.train_split), tokenizer, split=d.train_split, train=True,
-                media_loader=loader, fraction=d.fraction, num_samples=d.num_samples, seed=d.seed, **common)
+                media_loader=loader, fraction=d.fraction, num_samples=d.num_samples, seed=d.seed,
+                max_length=max_length, **common)
     eval_name = d.eval_dataset or d.dataset
     eval_cls = CaptionDataset if eval_name in CAPTION_DATASETS else VQADataset
     eval_samples = load_samples(eval_name, d.eval_root or d.root, d.eval_split)
     eval_loader = None if feature_lookup is not None else media_loader(cfg, dataset=eval_name)
+    eval_length = None if max_length is None else max(2, max_length - cfg.eval.generation.max_new_tokens)
     evaluation = eval_cls(eval_samples, tokenizer, split=d.eval_split, train=False, media_loader=eval_loader,
-                          num_samples=d.max_eval_samples, seed=d.seed, **common)
+                          num_samples=d.max_eval_samples, seed=d.seed, max_length=eval_length, **common)
     return train, evaluation
 
 
 def load_tokenizer(cfg: RunConfig):
     from transformers import AutoTokenizer
 
+    check_model_path(cfg.model.lm, "model.lm")
     tok = AutoTokenizer.from_pretrained(cfg.model.lm)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -240,8 +245,11 @@ def build_feature_cache(cfg: RunConfig, encoder, datasets, progress: bool = True
                                       all_tokens=bool(cfg.model.all_patch_tokens))
     try:
         return FeatureCache.open(path, fingerprint)  # a stale cache raises StaleCacheError: never reused
-    except (FileNotFoundError, IncompleteCacheError):
+    except FileNotFoundError:
         pass
+    except IncompleteCacheError as err:  # caches are published complete: this one was damaged since
+        if path.exists():
+            raise IncompleteCacheError(f"{err} (data.feature_cache; delete the folder to rebuild it)") from err
     names = [cfg.data.dataset, cfg.data.eval_dataset or cfg.data.dataset]  # the (train, eval) datasets
     items = {}
     for k, ds in enumerate(datasets):  # each with the loader of its own modality (zero-shot video eval)
@@ -290,6 +298,7 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, overw
     from accelerate.utils import set_seed
 
     from .data import make_collate_fn
+    from .data.text import text_token_limit
     from .io import atomic_write_json
     from .model import EPALM
     from .train import Trainer
@@ -307,7 +316,7 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, overw
     if cfg.data.feature_cache and not cfg.data.augment:
         train_plain, eval_plain = build_datasets(cfg, tokenizer)
         lookup = build_feature_cache(cfg, model.encoder, [train_plain, eval_plain], progress)
-    train_ds, eval_ds = build_datasets(cfg, tokenizer, feature_lookup=lookup)
+    train_ds, eval_ds = build_datasets(cfg, tokenizer, feature_lookup=lookup, max_length=text_token_limit(model))
     d = cfg.data
     for ds, split, root in ((train_ds, d.train_split, d.root), (eval_ds, d.eval_split, d.eval_root or d.root)):
         if len(ds) == 0:

@@ -509,8 +509,12 @@ def plot_curves(out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(csv.DictReader(train_csv.open()))
-    evals = list(csv.DictReader((out / "eval.csv").open())) if (out / "eval.csv").exists() else []
+    with train_csv.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    evals = []
+    if (out / "eval.csv").exists():
+        with (out / "eval.csv").open(newline="") as f:
+            evals = list(csv.DictReader(f))
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5, 3.5), squeeze=False)
     ax = axes[0][0]
     ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
