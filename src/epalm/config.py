@@ -138,20 +138,23 @@ class EPALMConfig:
         check_fields(self, ranges={"num_encoder_layers": (">=", 1), "prompt_len": (">=", 0),
                                    "adapter_reduction": (">=", 1), "inject_start": (">=", 0),
                                    "inject_end": (">=", 1), "text_step": (">=", 1)})
+        for name in ("lm", "encoder"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name} must name a hub id or a local folder, got {getattr(self, name)!r}")
         if self.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+            raise ConfigError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         if self.attention not in ("causal", "official"):
-            raise ValueError(f"attention must be 'causal' or 'official', got {self.attention!r}")
+            raise ConfigError(f"attention must be 'causal' or 'official', got {self.attention!r}")
         if self.loss_reduction not in ("mean", "official"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'official', got {self.loss_reduction!r}")
+            raise ConfigError(f"loss_reduction must be 'mean' or 'official', got {self.loss_reduction!r}")
         preset = {**_PRESET_DEFAULTS, **VARIANTS[self.variant]}
         for key, value in preset.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         if self.inject not in ("deep", "input"):
-            raise ValueError(f"inject must be 'deep' or 'input', got {self.inject!r}")
+            raise ConfigError(f"inject must be 'deep' or 'input', got {self.inject!r}")
         if self.num_encoder_layers < 1:
-            raise ValueError(f"num_encoder_layers must be >= 1, got {self.num_encoder_layers}")
+            raise ConfigError(f"num_encoder_layers must be >= 1, got {self.num_encoder_layers}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -78,10 +78,7 @@ class TrainConfig:
         check_fields(self, "train", ranges={"epochs": (">=", 1), "batch_size": (">=", 1), "grad_accum": (">=", 1),
                                             "max_steps": (">=", 1), "log_every": (">=", 1), "save_every": (">=", 1),
                                             "num_workers": (">=", 0)})
-        if self.on_nan not in ("stop", "skip"):
-            raise ValueError(f"on_nan must be 'stop' or 'skip', got {self.on_nan!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        check_fields(self, "train", choices={"on_nan": ("stop", "skip"), "mixed_precision": ("no", "bf16", "fp16")})
 
 
 class TrainingDiverged(RuntimeError):
