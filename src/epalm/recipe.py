@@ -262,31 +262,35 @@ def build_feature_cache(cfg: RunConfig, encoder, datasets, progress: bool = True
                               progress=progress, resume=True)
 
 
-# what a training run leaves in its folder (``epalm train`` refuses to mix two runs in one folder)
-RUN_ARTEFACTS = ("checkpoint", "best", ".checkpoint.tmp", ".checkpoint.old", ".best.tmp", ".best.old",
-                 "metrics.csv", "eval.csv")
-REPLACED = ("run_config.json", "curves.png", "tensorboard")  # also removed by --overwrite
+# what a training run keeps in its folder: ``epalm train`` never replaces them without --overwrite
+RUN_ARTEFACTS = ("checkpoint", "best", ".checkpoint.tmp", ".checkpoint.old", ".best.tmp", ".best.old")
+# logs appended to by a run: a fresh run starts them again (also removed by --overwrite: the rest)
+RUN_LOGS = ("metrics.csv", "eval.csv")
+REPLACED = ("run_config.json", "curves.png", "tensorboard")
 # data fields a resumed run may change (where the files are; evaluation only)
 DATA_RESUMABLE = ("root", "eval_root", "feature_cache", "eval_dataset", "eval_split", "max_eval_samples")
 
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to train into a folder that holds another run, unless resuming it or ``overwrite``."""
+    """Refuse to train into a folder that holds another run's checkpoints, unless resuming it or
+    ``overwrite``. A fresh run starts its logs (metrics.csv, eval.csv) from scratch."""
     import shutil
 
     if out.exists() and not out.is_dir():
         raise RunDirError(f"train.output_dir {out} is a file, not a folder")
     if resume or not out.is_dir():
         return
-    found = sorted(p.name for p in out.iterdir()
-                   if p.name in RUN_ARTEFACTS or (p.name.startswith("eval_epoch") and p.is_dir()))
+    found = sorted(p.name for p in out.iterdir() if p.name in RUN_ARTEFACTS)
     if found and not overwrite:
-        raise RunDirError(f"train.output_dir {out} already holds a run ({', '.join(found[:6])}"
-                          f"{', ...' if len(found) > 6 else ''}): pass --resume to continue it, or --overwrite to "
-                          "start again and replace it")
-    for name in [*found, *(n for n in REPLACED if (out / n).exists())]:
+        raise RunDirError(f"train.output_dir {out} already holds a run ({', '.join(found)}): pass --resume to "
+                          "continue it, or --overwrite to start again and replace it")
+    extra = (*RUN_LOGS, *REPLACED) if overwrite else RUN_LOGS
+    for name in [*found, *(n for n in extra if (out / n).exists())]:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if overwrite:
+        for path in out.glob("eval_epoch*"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, overwrite: bool = False,
