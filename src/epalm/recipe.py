@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,6 +285,8 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if found and not overwrite:
         raise RunDirError(f"train.output_dir {out} already holds a run ({', '.join(found)}): pass --resume to "
                           "continue it, or --overwrite to start again and replace it")
+    if int(os.environ.get("RANK", "0")) != 0:  # distributed: the main process cleans up, once
+        return
     extra = (*RUN_LOGS, *REPLACED) if overwrite else RUN_LOGS
     for name in [*found, *(n for n in extra if (out / n).exists())]:
         path = out / name
