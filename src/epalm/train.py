@@ -376,50 +376,45 @@ class Trainer:
                    desc="train", unit="step", dynamic_ncols=True)
         t0, samples, tokens_seen = time.perf_counter(), 0, 0
         self.model.train()
-        per_epoch = self.order.batches_per_epoch()
-        while self.state["epoch"] < cfg.epochs:
+        # a checkpoint taken after an epoch's last batch but before its evaluation: close that epoch
+        done = self.state["step"] >= self.total_steps and self.state["batch"] < self.order.batches_per_epoch()
+        while not done and self.state["epoch"] < cfg.epochs:
             epoch = self.state["epoch"]
-            trained = False
-            if self.state["step"] < self.total_steps and self.state["batch"] < per_epoch:
-                for window in self._loader(epoch, self.state["batch"]):
-                    loss, stepped = self._step(window)
-                    trained = True
-                    self.state["batch"] += len(window)
-                    samples += sum(size for _, size in window)
-                    tokens_seen += (sum(int(b["attention_mask"].sum()) for b, _ in window if b is not None)
-                                    * acc.num_processes)
-                    if not stepped:
-                        continue
-                    self.state["step"] += 1
-                    bar.update(1)
-                    step = self.state["step"]
-                    if step % cfg.log_every == 0 or step == self.total_steps:
-                        elapsed = time.perf_counter() - t0
-                        row = {"step": step, "epoch": epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                               "samples_per_s": samples / elapsed, "tokens_per_s": tokens_seen / elapsed}
-                        flops = (self.flops_fwd + self.flops_bwd) * row["tokens_per_s"]
-                        row["mfu"] = flops / self.peak if self.peak else None
-                        bar.set_postfix(loss=f"{loss:.3f}", sps=f"{row['samples_per_s']:.1f}")
-                        if acc.is_main_process:
-                            _append_csv(log_path, row)
-                            ckpt.fault("train.after_log_row")
-                            if tb:
-                                for k, v in row.items():
-                                    if isinstance(v, float):
-                                        tb.add_scalar(f"train/{k}", v, step)
-                    if cfg.save_every and step % cfg.save_every == 0:
-                        self.save_checkpoint()
-                    if step >= self.total_steps:
-                        break
-            if self.state["batch"] >= per_epoch:  # the epoch's batches are done: evaluate, then save
+            for window in self._loader(epoch, self.state["batch"]):
+                loss, stepped = self._step(window)
+                self.state["batch"] += len(window)
+                samples += sum(size for _, size in window)
+                tokens_seen += sum(int(b["attention_mask"].sum()) for b, _ in window if b is not None) * acc.num_processes
+                if not stepped:
+                    continue
+                self.state["step"] += 1
+                bar.update(1)
+                step = self.state["step"]
+                if step % cfg.log_every == 0 or step == self.total_steps:
+                    elapsed = time.perf_counter() - t0
+                    row = {"step": step, "epoch": epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                           "samples_per_s": samples / elapsed, "tokens_per_s": tokens_seen / elapsed}
+                    flops = (self.flops_fwd + self.flops_bwd) * row["tokens_per_s"]
+                    row["mfu"] = flops / self.peak if self.peak else None
+                    bar.set_postfix(loss=f"{loss:.3f}", sps=f"{row['samples_per_s']:.1f}")
+                    if acc.is_main_process:
+                        _append_csv(log_path, row)
+                        ckpt.fault("train.after_log_row")
+                        if tb:
+                            for k, v in row.items():
+                                if isinstance(v, float):
+                                    tb.add_scalar(f"train/{k}", v, step)
+                if cfg.save_every and step % cfg.save_every == 0:
+                    self.save_checkpoint()
+                if step >= self.total_steps:
+                    done = True
+                    break
+            if not done or self.state["batch"] >= self.order.batches_per_epoch():
                 self.state["epoch"] += 1
                 self.state["batch"] = 0
                 self._end_of_epoch(epoch, tb)
-                self.save_checkpoint()
-            elif trained:  # stopped inside the epoch by max_steps
-                self.save_checkpoint()
-            if self.state["step"] >= self.total_steps:
-                break
+            self.save_checkpoint()
+            done = done or self.state["step"] >= self.total_steps
         bar.close()
 
     def _end_of_epoch(self, epoch: int, tb) -> None:
