@@ -3,16 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 from pathlib import Path
+
+from .errors import UserError
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports anything else naming the argument)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
 
 
 def _train(args: argparse.Namespace) -> int:
     from .recipe import load_run_config, run_train
 
     cfg = load_run_config(args.config, args.overrides)
-    state = run_train(cfg, resume=args.resume)
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    state = run_train(cfg, resume=args.resume or args.resume_or_start, overwrite=args.overwrite,
+                      allow_fresh=args.resume_or_start)
     print(json.dumps({"output_dir": cfg.train.output_dir, **state}))
     return 0
 
@@ -165,7 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe (YAML config)", description="Train a paper recipe.")
     p.add_argument("config", help="YAML recipe, e.g. configs/vqa_epalm.yaml")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=1")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUTPUT_DIR/checkpoint (an error when there is none)")
+    p.add_argument("--resume-or-start", action="store_true",
+                   help="continue from OUTPUT_DIR/checkpoint, or start from scratch when there is none")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train into an OUTPUT_DIR that holds another run, replacing its checkpoints and logs")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a recipe's evaluation split")
@@ -187,10 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--video")
     group.add_argument("--audio")
     p.add_argument("--prompt", default="", help="the question (empty: caption)")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=_positive_int, default=None,
                    help="default: the training run's data.image_size, else the encoder's input size")
-    p.add_argument("--num-beams", type=int, default=3)
-    p.add_argument("--max-new-tokens", type=int, default=10)
+    p.add_argument("--num-beams", type=_positive_int, default=3)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=10)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("params", help="trainable vs total parameters of a variant (no download)")
@@ -210,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also make a public gradio.live link (goes online)")
-    p.add_argument("--image-size", type=int, default=None, help="as for predict")
+    p.add_argument("--image-size", type=_positive_int, default=None, help="as for predict")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("quickstart", help="train and evaluate real eP-ALM on easy-VQA (CPU: ~10 min)",
@@ -232,18 +255,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# OS errors that are the user's setup, not a bug: reported as a message (exit 2)
+_USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR,
+                errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG}
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """The one-line message for a user error (bad config, file, media, cache, checkpoint), else None.
+
+    The one place that decides what the CLI reports without a traceback."""
+    from .data.errors import MediaError
+    from .feature_cache import CacheError
+
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and (
+            err.errno in _USER_ERRNOS or err.errno is None or isinstance(err, (PermissionError, FileExistsError, IsADirectoryError,
+                                                          NotADirectoryError))):
+        if err.strerror is None:
+            return str(err)
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    if isinstance(err, (UserError, ValueError, FileNotFoundError, KeyError, MediaError, CacheError)):
+        return str(err)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except Exception as err:
-        from .data.errors import MediaError
-        from .feature_cache import CacheError
-
-        # setup errors (config, files, unreadable media, stale feature cache): a message, no traceback
-        if not isinstance(err, (ValueError, FileNotFoundError, KeyError, MediaError, CacheError)):
+        message = user_error_message(err)
+        if message is None or os.environ.get("EPALM_DEBUG") == "1":
             raise
-        print(f"epalm {args.command}: error: {err}", file=sys.stderr)
+        print(f"epalm {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -16,6 +16,7 @@ and the theme uses the fonts bundled with Gradio or the system's (no font CDN).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,25 @@ def make_handler(model, tokenizer, media_loader, modality: str = "image"):
         try:
             out = answer_question(model, tokenizer, media_loader, media_path, question, num_beams, max_new_tokens)
         except (MediaError, ValueError) as err:
-            raise gr.Error(str(err), title=f"Cannot answer about this {modality}",
+            raise gr.Error(public_message(err), title=f"Cannot answer about this {modality}",
                            print_exception=False) from err
         return out["answer"] or "(empty answer: the model generated only special tokens)", out["seconds"]
 
     return handle
+
+
+_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?(?:[\\/][^\\/\s:'\"()]+)+[\\/]?")
+
+
+def public_message(err: BaseException) -> str:
+    """The error's message without the server's file paths (only file names are shown)."""
+    from .data.errors import MediaError
+
+    if isinstance(err, MediaError):
+        text = f"{Path(err.path).name}: {err.reason}" if err.reason else Path(err.path).name
+    else:
+        text = str(err)
+    return _PATH.sub(lambda m: Path(m.group(0).rstrip("/\\")).name or "<path>", text)
 
 
 def _theme(gr):

@@ -18,6 +18,8 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
+from .config import check_model_path
+
 Pooling = Literal["cls", "mean"]
 
 _NORM_NAMES = ("layernorm", "post_layernorm", "layer_norm", "norm", "ln_f", "fc_norm")
@@ -276,6 +278,7 @@ def load_encoder(name: str, num_layers: int = 6, pretrained: bool = True, **kwar
         return wrap_timm_vit(model, num_layers)
     from transformers import AutoConfig, AutoModel
 
+    check_model_path(name, "model.encoder")
     if pretrained:
         model = AutoModel.from_pretrained(name, **kwargs)
     else:

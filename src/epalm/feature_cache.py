@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data.errors import MediaError
 from .io import atomic_write_json
 
 __all__ = [
@@ -206,6 +207,18 @@ def fingerprint_diff(cached: dict[str, Any], expected: dict[str, Any]) -> list[t
 
 
 # ---------------------------------------------------------------------------------------- helpers
+def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+    """Types of the meta.json fields the reader relies on (a tampered file is named, not a traceback)."""
+    checks = {"rows": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+              "shape": lambda v: isinstance(v, list) and all(isinstance(x, int) and x > 0 for x in v),
+              "dtype": lambda v: v in ("float16", "float32")}
+    for key, ok in checks.items():
+        if key in meta and not ok(meta[key]):
+            raise IncompleteCacheError(f"{path}: meta.json field {key!r} is malformed ({meta[key]!r}); rebuild the cache")
+        if key not in meta:
+            raise IncompleteCacheError(f"{path}: meta.json has no {key!r} field; rebuild the cache")
+
+
 def _media_key(media_id: Any) -> str:
     if isinstance(media_id, str):
         return media_id
@@ -325,6 +338,7 @@ class FeatureCache:
                 f"(differs in {', '.join(k for k, _, _ in diff)}): {lines}. Rebuild it.",
                 [k for k, _, _ in diff],
             )
+        _check_meta(path, meta)
         index = _read_json(path / INDEX_NAME, "index", IncompleteCacheError)
         rows = meta.get("rows")
         if not isinstance(index, dict) or not isinstance(rows, int):
@@ -412,13 +426,25 @@ class FeatureCache:
             raise KeyError(f"media id {key!r} is not in the feature cache {self.path} ({len(self)} entries)") from None
 
     def __getitem__(self, media_id: MediaId) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.array[self.row(media_id)]))
+        out = torch.from_numpy(np.array(self.array[self.row(media_id)]))
+        self._check_finite(out, [media_id])
+        return out
+
+    def _check_finite(self, features: torch.Tensor, media_ids: list) -> None:
+        """Damaged cached values would surface as a NaN loss ("lower the lr"): name the cache instead."""
+        if not bool(torch.isfinite(features).all()):
+            bad = [m for m, f in zip(media_ids, features.reshape(len(media_ids), -1)) if not torch.isfinite(f).all()]
+            raise MediaError(bad[0] if len(bad) == 1 else ", ".join(map(str, bad[:5])),
+                             f"non-finite values in cached features {self.path}; rebuild the cache")
 
     def get_batch(self, media_ids: Iterable[MediaId], device: str | torch.device | None = None,
                   dtype: torch.dtype | None = None) -> torch.Tensor:
         """Features of ``media_ids`` stacked in order, ``(B, k, d)`` (stored dtype unless ``dtype``)."""
+        media_ids = list(media_ids)
         rows = [self.row(m) for m in media_ids]
         out = torch.from_numpy(np.ascontiguousarray(self.array[rows]))
+        if rows:
+            self._check_finite(out, media_ids)
         if device is not None or dtype is not None:
             out = out.to(device=device, dtype=dtype)
         return out

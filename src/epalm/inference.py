@@ -58,7 +58,7 @@ def answer_question(model, tokenizer, media_loader, media_path: str | os.PathLik
     import torch
 
     from .data import vqa_prompt
-    from .data.text import encode_prompt
+    from .data.text import encode_prompt, text_token_limit
 
     num_beams, max_new_tokens = int(num_beams), int(max_new_tokens)
     if num_beams < 1 or max_new_tokens < 1:
@@ -68,6 +68,10 @@ def answer_question(model, tokenizer, media_loader, media_path: str | os.PathLik
     media = media_loader(media_path, False).unsqueeze(0).to(device)
     question = (question or "").strip()
     ids = torch.tensor([encode_prompt(tokenizer, vqa_prompt(question) if question else "")], device=device)
+    limit = text_token_limit(model)
+    if limit is not None and ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(f"the question is too long: {ids.shape[1]} tokens + {max_new_tokens} new tokens, but this "
+                         f"model's LM takes at most {limit} text tokens; shorten the question or max_new_tokens")
     new = model.generate(media=media, input_ids=ids, max_new_tokens=max_new_tokens, num_beams=num_beams,
                          pad_token_id=tokenizer.pad_token_id)
     answer = tokenizer.decode(new[0], skip_special_tokens=True).strip()

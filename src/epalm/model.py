@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import EPALMConfig
+from .config import EPALMConfig, check_model_path
 from .connectors import Connector, DeepPrompt, LayerAdapters, SoftPrompt
 from .injection import (
     InjectionEngine,
@@ -114,6 +114,7 @@ class EPALM(nn.Module):
 
         from .encoders import load_encoder
 
+        check_model_path(config.lm, "model.lm")
         lm_kwargs = dict(config.lm_kwargs)
         lm_kwargs.setdefault("attn_implementation", "sdpa")
         for key in ("dtype", "torch_dtype"):
@@ -126,10 +127,13 @@ class EPALM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-                        **config_overrides) -> "EPALM":
-        """Rebuild the encoder + LM from the saved config and load the trainable weights."""
+                        allow_code: bool = False, **config_overrides) -> "EPALM":
+        """Rebuild the encoder + LM from the saved config and load the trainable weights.
+
+        ``allow_code=True`` honours ``trust_remote_code`` (and other code-loading keys) of the saved
+        config; without it such a config is refused (see ``EPALMConfig.load``)."""
         path = Path(path)
-        config = EPALMConfig.load(path / CONFIG_NAME)
+        config = EPALMConfig.load(path / CONFIG_NAME, allow_code=allow_code)
         if config_overrides:
             config = EPALMConfig.from_dict({**config.to_dict(), **config_overrides})
         model = cls.from_config(config, device=device)
@@ -161,15 +165,22 @@ class EPALM(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
-        _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=self._weights_metadata()))
         text = json.dumps(self.config.to_dict(), indent=2)
         _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
+    def _weights_metadata(self) -> dict[str, str]:
+        """Stored with the weights: the LM depth and injected layers they were trained for."""
+        return {"format": "pt", "lm_layers": str(len(self.engine.anatomy.layers)),
+                "inject_start": str(self.inject_start), "inject_end": str(self.inject_end)}
+
     def load_trainable(self, source: str | os.PathLike | dict[str, torch.Tensor]) -> None:
-        """Load trainable weights; any missing, unexpected or mis-shaped tensor is an error naming it."""
+        """Load trainable weights; any missing, unexpected or mis-shaped tensor is an error naming it,
+        and so are weights trained for an LM of another depth or other injected layers."""
         if isinstance(source, dict):
             tensors, where = source, "state dict"
         else:
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
             where = str(source)
@@ -177,8 +188,16 @@ class EPALM(nn.Module):
                 raise FileNotFoundError(f"{where}: no such checkpoint file")
             try:
                 tensors = load_file(where)
+                with safe_open(where, framework="pt") as f:
+                    meta = f.metadata() or {}
             except Exception as err:  # safetensors raises several types for corrupt files
                 raise ValueError(f"{where}: not a readable safetensors file ({err})") from err
+            mine = self._weights_metadata()
+            for key, what in (("lm_layers", "an LM with {} layers"), ("inject_start", "injection from layer {}"),
+                              ("inject_end", "injection up to layer {}")):
+                if key in meta and meta[key] != mine[key]:
+                    raise ValueError(f"{where} was trained for {what.format(meta[key])}, but this model has "
+                                     f"{what.format(mine[key])} (LM {self.config.lm!r}): wrong LM or config")
         own = dict(self.named_parameters())
         expected = {k for k, p in own.items() if p.requires_grad}
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from .config import EPALMConfig
+from .config import EPALMConfig, check_fields, check_model_path
+from .errors import ConfigError, RunDirError, UserError
 from .evaluate import GenerationConfig
 from .train import TrainConfig, config_from_dict
 
@@ -53,6 +55,18 @@ class DataConfig:
     feature_cache_dtype: str = "float16"  # storage of cached features; "float32" reproduces uncached training
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_fields(self, "data", ranges={"image_size": (">=", 1), "fraction": (">", 0), "num_samples": (">=", 1),
+                                           "max_eval_samples": (">=", 1), "num_frames": (">=", 1)},
+                     choices={"audio_features": ("ast", "whisper"), "loss_on": ("answer", "all"),
+                              "on_error": ("raise", "skip"), "feature_cache_dtype": ("float16", "float32")})
+        if self.fraction is not None and self.fraction > 1:
+            raise ConfigError(f"data.fraction must be in (0, 1], got {self.fraction}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 3 or (name == "std" and min(value) <= 0)):
+                raise ConfigError(f"data.{name} must be 3 numbers{' > 0' if name == 'std' else ''}, got {value}")
+
 
 @dataclass
 class EvalConfig:
@@ -61,6 +75,14 @@ class EvalConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     html_examples: int = 100
     caption_metrics: list[str] | None = None  # None: all (BLEU, METEOR, ROUGE_L, CIDEr, SPICE)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.generation, dict):
+            self.generation = GenerationConfig(**self.generation)
+        check_fields(self, "eval", ranges={"batch_size": (">=", 1), "html_examples": (">=", 0)})
+        check_fields(self.generation, "eval.generation",
+                     ranges={"max_new_tokens": (">=", 1), "num_beams": (">=", 1), "top_k": (">=", 1),
+                             "top_p": (">", 0), "temperature": (">", 0)})
 
 
 @dataclass
@@ -120,9 +142,12 @@ def run_config_from_dict(data: dict, source: str = "config") -> RunConfig:
     _check_keys(ev, EvalConfig, f"{source}: eval")
     gen = ev.pop("generation", {})
     _check_keys(gen, GenerationConfig, f"{source}: eval.generation")
-    return RunConfig(model=model, data=DataConfig(**data.get("data", {})),
-                     train=config_from_dict(data.get("train", {}), source=f"{source}: train"),
-                     eval=EvalConfig(generation=GenerationConfig(**gen), **ev))
+    try:
+        return RunConfig(model=model, data=DataConfig(**data.get("data", {})),
+                         train=config_from_dict(data.get("train", {}), source=f"{source}: train"),
+                         eval=EvalConfig(generation=GenerationConfig(**gen), **ev))
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from err
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -179,8 +204,10 @@ def preprocessing_fingerprint(cfg: RunConfig) -> dict[str, Any]:
             "std": d.std, "num_frames": d.num_frames, "audio_features": d.audio_features}
 
 
-def build_datasets(cfg: RunConfig, tokenizer, feature_lookup=None):
-    """(train, eval) datasets of the recipe."""
+def build_datasets(cfg: RunConfig, tokenizer, feature_lookup=None, max_length: int | None = None):
+    """(train, eval) datasets of the recipe. ``max_length``: text tokens the LM can take (see
+    ``epalm.data.text.text_token_limit``); longer training texts are cut (answer kept), longer
+    evaluation prompts keep their end, leaving room for the generated tokens."""
     from .data import CaptionDataset, VQADataset, load_samples
 
     d = cfg.data
@@ -188,19 +215,22 @@ def build_datasets(cfg: RunConfig, tokenizer, feature_lookup=None):
     common = dict(on_error=d.on_error, loss_on=d.loss_on, feature_lookup=feature_lookup)
     loader = None if feature_lookup is not None else media_loader(cfg)
     train = cls(load_samples(d.dataset, d.root, d.train_split), tokenizer, split=d.train_split, train=True,
-                media_loader=loader, fraction=d.fraction, num_samples=d.num_samples, seed=d.seed, **common)
+                media_loader=loader, fraction=d.fraction, num_samples=d.num_samples, seed=d.seed,
+                max_length=max_length, **common)
     eval_name = d.eval_dataset or d.dataset
     eval_cls = CaptionDataset if eval_name in CAPTION_DATASETS else VQADataset
     eval_samples = load_samples(eval_name, d.eval_root or d.root, d.eval_split)
     eval_loader = None if feature_lookup is not None else media_loader(cfg, dataset=eval_name)
+    eval_length = None if max_length is None else max(2, max_length - cfg.eval.generation.max_new_tokens)
     evaluation = eval_cls(eval_samples, tokenizer, split=d.eval_split, train=False, media_loader=eval_loader,
-                          num_samples=d.max_eval_samples, seed=d.seed, **common)
+                          num_samples=d.max_eval_samples, seed=d.seed, max_length=eval_length, **common)
     return train, evaluation
 
 
 def load_tokenizer(cfg: RunConfig):
     from transformers import AutoTokenizer
 
+    check_model_path(cfg.model.lm, "model.lm")
     tok = AutoTokenizer.from_pretrained(cfg.model.lm)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -216,8 +246,11 @@ def build_feature_cache(cfg: RunConfig, encoder, datasets, progress: bool = True
                                       all_tokens=bool(cfg.model.all_patch_tokens))
     try:
         return FeatureCache.open(path, fingerprint)  # a stale cache raises StaleCacheError: never reused
-    except (FileNotFoundError, IncompleteCacheError):
+    except FileNotFoundError:
         pass
+    except IncompleteCacheError as err:  # caches are published complete: this one was damaged since
+        if path.exists():
+            raise IncompleteCacheError(f"{err} (data.feature_cache; delete the folder to rebuild it)") from err
     names = [cfg.data.dataset, cfg.data.eval_dataset or cfg.data.dataset]  # the (train, eval) datasets
     items = {}
     for k, ds in enumerate(datasets):  # each with the loader of its own modality (zero-shot video eval)
@@ -230,18 +263,59 @@ def build_feature_cache(cfg: RunConfig, encoder, datasets, progress: bool = True
                               progress=progress, resume=True)
 
 
-def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train the recipe; evaluate each epoch; keep ``best/``; write curves, predictions and HTML."""
+# what a training run keeps in its folder: ``epalm train`` never replaces them without --overwrite
+RUN_ARTEFACTS = ("checkpoint", "best", ".checkpoint.tmp", ".checkpoint.old", ".best.tmp", ".best.old")
+# logs appended to by a run: a fresh run starts them again (also removed by --overwrite: the rest)
+RUN_LOGS = ("metrics.csv", "eval.csv")
+REPLACED = ("run_config.json", "curves.png", "tensorboard")
+# data fields a resumed run may change (where the files are; evaluation only)
+DATA_RESUMABLE = ("root", "eval_root", "feature_cache", "eval_dataset", "eval_split", "max_eval_samples")
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into a folder that holds another run's checkpoints, unless resuming it or
+    ``overwrite``. A fresh run starts its logs (metrics.csv, eval.csv) from scratch."""
+    import shutil
+
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"train.output_dir {out} is a file, not a folder")
+    if resume or not out.is_dir():
+        return
+    found = sorted(p.name for p in out.iterdir() if p.name in RUN_ARTEFACTS)
+    if found and not overwrite:
+        raise RunDirError(f"train.output_dir {out} already holds a run ({', '.join(found)}): pass --resume to "
+                          "continue it, or --overwrite to start again and replace it")
+    if int(os.environ.get("RANK", "0")) != 0:  # distributed: the main process cleans up, once
+        return
+    extra = (*RUN_LOGS, *REPLACED) if overwrite else RUN_LOGS
+    for name in [*found, *(n for n in extra if (out / n).exists())]:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if overwrite:
+        for path in out.glob("eval_epoch*"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, overwrite: bool = False,
+              allow_fresh: bool = False) -> dict[str, Any]:
+    """Train the recipe; evaluate each epoch; keep ``best/``; write curves, predictions and HTML.
+
+    A folder that already holds a run is refused unless ``resume`` (continue it; with no checkpoint
+    that is an error unless ``allow_fresh``) or ``overwrite`` (its run artefacts are removed)."""
     from accelerate.utils import set_seed
 
     from .data import make_collate_fn
+    from .data.text import text_token_limit
     from .io import atomic_write_json
     from .model import EPALM
     from .train import Trainer
 
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "run_config.json", cfg.to_dict())
+    prepare_run_dir(out, resume, overwrite)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(f"train.output_dir {out}: cannot create it ({err.strerror or err})") from err
     set_seed(cfg.train.seed)  # the connectors' initialisation must not depend on what ran before
     tokenizer = load_tokenizer(cfg)
     model = EPALM.from_config(cfg.model)
@@ -249,15 +323,24 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> di
     if cfg.data.feature_cache and not cfg.data.augment:
         train_plain, eval_plain = build_datasets(cfg, tokenizer)
         lookup = build_feature_cache(cfg, model.encoder, [train_plain, eval_plain], progress)
-    train_ds, eval_ds = build_datasets(cfg, tokenizer, feature_lookup=lookup)
+    train_ds, eval_ds = build_datasets(cfg, tokenizer, feature_lookup=lookup, max_length=text_token_limit(model))
+    d = cfg.data
+    for ds, split, root in ((train_ds, d.train_split, d.root), (eval_ds, d.eval_split, d.eval_root or d.root)):
+        if len(ds) == 0:
+            raise UserError(f"data: split {split!r} of {d.eval_dataset if ds is eval_ds and d.eval_dataset else d.dataset}"
+                            f" in {root} has no samples: nothing to {'train on' if ds is train_ds else 'evaluate'}")
     collate = make_collate_fn(tokenizer)
 
     def evaluate(m, epoch):  # sharded over the processes of a distributed run, gathered on each
         return evaluate_and_write(cfg, m, eval_ds, collate, tokenizer, out / f"eval_epoch{epoch}", progress,
                                   accelerator=trainer.accelerator)
 
-    trainer = Trainer(model, train_ds, collate, cfg.train, evaluate=evaluate)
-    state = trainer.train(resume=resume)
+    data_fp = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in DATA_RESUMABLE}
+    trainer = Trainer(model, train_ds, collate, cfg.train, evaluate=evaluate, fingerprint={"data": data_fp})
+    if resume:
+        trainer.resume_or_start(allow_fresh)  # checks the checkpoint fits before anything is written
+    atomic_write_json(out / "run_config.json", cfg.to_dict())
+    state = trainer.train()
     return state
 
 

@@ -18,20 +18,20 @@ import contextlib
 import csv
 import dataclasses
 import inspect
-import json
+import io
 import math
-import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .io import atomic_write_json
+from . import checkpoint as ckpt
+from .config import check_fields
+from .errors import CheckpointError, ConfigError, UserError
+from .io import atomic_write_json, atomic_write_text
 from .model import EPALM
 
 
@@ -45,6 +45,13 @@ class OptimConfig:
     prompt_lr: float | None = None  # fixed lr for soft prompts / adapters (paper: 1e-5; pt-L: 1e-3)
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self, "train.optim", ranges={"lr": (">", 0), "warmup_lr": (">=", 0), "min_lr": (">=", 0),
+                                                  "warmup_steps": (">=", 0), "weight_decay": (">=", 0),
+                                                  "prompt_lr": (">", 0), "max_grad_norm": (">", 0)})
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
 
 
 @dataclass
@@ -66,10 +73,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.optim, dict):
             self.optim = OptimConfig(**self.optim)
-        if self.on_nan not in ("stop", "skip"):
-            raise ValueError(f"on_nan must be 'stop' or 'skip', got {self.on_nan!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if not isinstance(self.optim, OptimConfig):
+            raise ConfigError(f"train.optim must be a mapping, got {self.optim!r}")
+        check_fields(self, "train", ranges={"epochs": (">=", 1), "batch_size": (">=", 1), "grad_accum": (">=", 1),
+                                            "max_steps": (">=", 1), "log_every": (">=", 1), "save_every": (">=", 1),
+                                            "num_workers": (">=", 0)})
+        check_fields(self, "train", choices={"on_nan": ("stop", "skip"), "mixed_precision": ("no", "bf16", "fp16")})
 
 
 class TrainingDiverged(RuntimeError):
@@ -139,21 +148,6 @@ class EpochOrder:
         return torch.randperm(self.n, generator=g)[start_batch * self.batch_size:].tolist()
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Trainer:
     """Train the trainable parts of an EPALM on batches ``dict(input_ids, attention_mask, labels,
     pixel_values | features, ...)`` produced by ``collate``.
@@ -173,9 +167,12 @@ class Trainer:
         collate: Callable[[list], dict],
         config: TrainConfig,
         evaluate: Callable[[EPALM, int], dict] | None = None,
+        fingerprint: dict | None = None,
     ) -> None:
         from accelerate import Accelerator
 
+        if len(train_dataset) == 0:
+            raise UserError("the training set is empty: nothing to train on (check the data root and split)")
         self.cfg = config
         self.out = Path(config.output_dir)
         # accumulation is done by hand (see train): the loss is normalised over the whole window.
@@ -206,6 +203,10 @@ class Trainer:
         self.peak = _peak_flops(acc.device)
         self.amp_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.mixed_precision]
         self.scaler = (torch.amp.GradScaler(acc.device.type) if self.amp_dtype is torch.float16 else None)
+        # what a resumed run must share with the run that wrote the checkpoint (train.*, model.*, data size)
+        self.fingerprint = {"model": model.config.to_dict(), "dataset_size": len(train_dataset),
+                            "train": {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE},
+                            **(fingerprint or {})}
 
     def autocast(self):
         """The one mixed-precision context of training steps (and of evaluation callers that want it)."""
@@ -218,40 +219,70 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def save_checkpoint(self, name: str = "checkpoint") -> Path:
-        """Trainable weights + optimizer + scheduler + RNG + data position, swapped in atomically."""
+        """Trainable weights + optimizer + scheduler + RNG + data position, swapped in crash-safely
+        (``epalm.checkpoint``: no pickle; a crash at any point leaves a complete checkpoint)."""
         acc = self.accelerator
         final = self.out / name
         if acc.is_main_process:
-            tmp = self.out / f".{name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            self.unwrapped.save_pretrained(tmp)
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "scaler": self.scaler.state_dict() if self.scaler else None, "rng": _rng_state()}, tmp / "trainer_state.pt")
-            atomic_write_json(tmp / "trainer_state.json", self.state)
-            old = self.out / f".{name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            def write(tmp: Path) -> dict:
+                self.unwrapped.save_pretrained(tmp)
+                trainer = ckpt.write_trainer_state(tmp, self.optimizer.state_dict(), self.scheduler.state_dict(),
+                                                   self.state)
+                return {"fingerprint": self.fingerprint, "trainer": trainer,
+                        "scaler": self.scaler.state_dict() if self.scaler else None}
+
+            try:
+                ckpt.write_swapped(self.out, name, write)
+            except OSError as err:
+                raise CheckpointError(f"{self.out}: cannot write the {name} ({err.strerror or err}); the previous "
+                                      f"{name} (if any) is intact") from err
         acc.wait_for_everyone()
         return final
 
     def resume(self, path: str | Path | None = None) -> bool:
-        """Continue from ``output_dir/checkpoint`` (or ``path``); False when there is none."""
-        path = Path(path) if path else self.out / "checkpoint"
-        if not (path / "trainer_state.json").is_file():
+        """Continue from the newest complete checkpoint in ``output_dir`` (or ``path``); False when
+        there is none. A damaged checkpoint or one from a differently configured run is an error."""
+        out, name = (Path(path).parent, Path(path).name) if path else (self.out, "checkpoint")
+        folder = ckpt.recover(out, name) if self.accelerator.is_main_process else out / name
+        self.accelerator.wait_for_everyone()
+        if folder is None or not folder.is_dir():
+            if (out / name).exists():  # a damaged checkpoint is an error; a half-written .tmp is no checkpoint
+                raise CheckpointError(f"{out}: no complete checkpoint to resume from "
+                                      f"({ckpt.describe_missing(out, name)})")
             return False
-        self.unwrapped.load_trainable(path / "epalm_weights.safetensors")
-        blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(blob["optimizer"])
-        self.scheduler.load_state_dict(blob["scheduler"])
-        if self.scaler and blob.get("scaler"):
-            self.scaler.load_state_dict(blob["scaler"])
-        _set_rng_state(blob["rng"])
-        self.state = json.loads((path / "trainer_state.json").read_text())
+        manifest, why = ckpt.read_manifest(folder)
+        if manifest is None:
+            raise CheckpointError(f"{folder}: cannot resume: {why}")
+        ckpt.check_fingerprint(folder, manifest.get("fingerprint"), self.fingerprint)
+        self.unwrapped.load_trainable(folder / "epalm_weights.safetensors")
+        optimizer, scheduler, state = ckpt.read_trainer_state(folder, manifest)
+        try:
+            self.optimizer.load_state_dict(optimizer)
+            self.scheduler.load_state_dict(scheduler)
+            if self.scaler and manifest.get("scaler"):
+                self.scaler.load_state_dict(manifest["scaler"])
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise CheckpointError(f"{folder}: the optimizer state does not fit this model ({err})") from err
+        self.state = state
+        if self.accelerator.is_main_process:
+            ckpt.recover(self.out, "best")
+            _truncate_csv(self.out / "metrics.csv", lambda row: int(row["step"]) <= state["step"])
+            _truncate_csv(self.out / "eval.csv", lambda row: int(row["epoch"]) < state["epoch"])
         return True
+
+    def resume_or_start(self, allow_fresh: bool = False) -> bool:
+        """:meth:`resume`, saying so; no checkpoint at all is an error unless ``allow_fresh``."""
+        if self.resume():
+            self.accelerator.print(f"resumed from {self.out / 'checkpoint'} at epoch {self.state['epoch']} "
+                                   f"batch {self.state['batch']} (step {self.state['step']})")
+            return True
+        if not allow_fresh:
+            raise CheckpointError(f"--resume: no checkpoint in {self.out} (is the output_dir right?); to start "
+                                  "from scratch there, drop --resume (or pass --resume-or-start)")
+        if self.accelerator.is_main_process:  # starting over: rows of a run that never saved go
+            _truncate_csv(self.out / "metrics.csv", lambda row: False)
+            _truncate_csv(self.out / "eval.csv", lambda row: False)
+        return False
 
     # -------------------------------------------------------------- loop
     def _loader(self, epoch: int, start_batch: int) -> Iterable:
@@ -338,21 +369,36 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return float(acc.reduce(ce_sum, reduction="sum") / total), True
 
-    def train(self, resume: bool = False) -> dict:
+    def train(self, resume: bool = False, allow_fresh: bool = False) -> dict:
+        """Train to the end. ``resume=True`` continues from the newest complete checkpoint; with no
+        checkpoint at all it is an error, unless ``allow_fresh`` (then it starts from scratch)."""
         cfg, acc = self.cfg, self.accelerator
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"train.output_dir {self.out} is a file, not a folder")
         self.out.mkdir(parents=True, exist_ok=True)
-        if resume and self.resume():
-            acc.print(f"resumed from {self.out / 'checkpoint'} at epoch {self.state['epoch']} "
-                      f"batch {self.state['batch']} (step {self.state['step']})")
-        log_path = self.out / "metrics.csv"
+        if resume:
+            self.resume_or_start(allow_fresh)
         tb = _tensorboard(self.out) if acc.is_main_process else None
+        try:
+            self._train_loop(tb)
+        finally:
+            if tb is not None:
+                tb.close()
+        if acc.is_main_process:
+            plot_curves(self.out)
+        return self.state
+
+    def _train_loop(self, tb) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        log_path = self.out / "metrics.csv"
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.state["step"], disable=not acc.is_main_process,
                    desc="train", unit="step", dynamic_ncols=True)
         t0, samples, tokens_seen = time.perf_counter(), 0, 0
         self.model.train()
-        done = self.state["step"] >= self.total_steps
+        # a checkpoint taken after an epoch's last batch but before its evaluation: close that epoch
+        done = self.state["step"] >= self.total_steps and self.state["batch"] < self.order.batches_per_epoch()
         while not done and self.state["epoch"] < cfg.epochs:
             epoch = self.state["epoch"]
             for window in self._loader(epoch, self.state["batch"]):
@@ -374,6 +420,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}", sps=f"{row['samples_per_s']:.1f}")
                     if acc.is_main_process:
                         _append_csv(log_path, row)
+                        ckpt.fault("train.after_log_row")
                         if tb:
                             for k, v in row.items():
                                 if isinstance(v, float):
@@ -388,19 +435,19 @@ class Trainer:
                 self.state["batch"] = 0
                 self._end_of_epoch(epoch, tb)
             self.save_checkpoint()
+            done = done or self.state["step"] >= self.total_steps
         bar.close()
-        if acc.is_main_process:
-            plot_curves(self.out)
-        return self.state
 
     def _end_of_epoch(self, epoch: int, tb) -> None:
         if self.evaluate_fn is None:
             return
         metrics = self.evaluate_fn(self.unwrapped, epoch)
+        ckpt.fault("train.during_eval")
         row = {"step": self.state["step"], "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()
                                                                if isinstance(v, (int, float))}}
         if self.accelerator.is_main_process:
             _append_csv(self.out / "eval.csv", row)
+            ckpt.fault("train.after_eval_row")
             if tb:
                 for k, v in row.items():
                     if k.startswith("eval_"):
@@ -410,12 +457,19 @@ class Trainer:
         if score is not None and (best is None or score > best):
             self.state["best_score"] = score
             if self.accelerator.is_main_process:
-                tmp = self.out / ".best.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                self.unwrapped.save_pretrained(tmp)
-                atomic_write_json(tmp / "metrics.json", {"epoch": epoch, **metrics})
-                shutil.rmtree(self.out / "best", ignore_errors=True)
-                tmp.rename(self.out / "best")
+                def write(tmp: Path) -> None:
+                    self.unwrapped.save_pretrained(tmp)
+                    atomic_write_json(tmp / "metrics.json", {"epoch": epoch, **metrics})
+
+                try:
+                    ckpt.write_swapped(self.out, "best", write)
+                except OSError as err:
+                    raise CheckpointError(f"{self.out}: cannot write best/ ({err.strerror or err}); the previous "
+                                          "best/ (if any) is intact") from err
+
+
+# TrainConfig fields that may change when resuming (they do not change the weights)
+RESUMABLE = ("output_dir", "log_every", "save_every", "num_workers", "cpu", "on_nan")
 
 
 def _tensorboard(out: Path):
@@ -435,6 +489,29 @@ def _append_csv(path: Path, row: dict) -> None:
         writer.writerow(row)
 
 
+def _truncate_csv(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Drop the rows a resumed run will write again (those after its checkpoint), atomically."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    kept = []
+    for row in rows:
+        try:
+            if keep(row):
+                kept.append(row)
+        except (TypeError, ValueError):  # a half-written last line from a crash
+            continue
+    if len(kept) == len(rows) or not fields:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(kept)
+    atomic_write_text(path, buf.getvalue())
+
+
 def plot_curves(out: Path) -> Path | None:
     """``curves.png``: training loss (and eval metrics) against steps."""
     train_csv = out / "metrics.csv"
@@ -445,8 +522,12 @@ def plot_curves(out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(csv.DictReader(train_csv.open()))
-    evals = list(csv.DictReader((out / "eval.csv").open())) if (out / "eval.csv").exists() else []
+    with train_csv.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    evals = []
+    if (out / "eval.csv").exists():
+        with (out / "eval.csv").open(newline="") as f:
+            evals = list(csv.DictReader(f))
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5, 3.5), squeeze=False)
     ax = axes[0][0]
     ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from . import readers
 from .errors import MediaError
 from .records import CaptionSample, QASample
-from .text import DEFAULT_SEPARATOR, encode_example, encode_prompt, vqa_prompt
+from .text import DEFAULT_SEPARATOR, encode_example, encode_prompt, truncate_prompt, vqa_prompt
 from .text import add_separator_token as _add_separator_token
 
 __all__ = [
@@ -139,7 +139,7 @@ class _MediaTextDataset(Dataset):
 
     def _encode(self, prompt: str, target: str | None) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "prompt_ids": torch.tensor(encode_prompt(self.tokenizer, prompt, add_bos=self.add_bos), dtype=torch.long)
+            "prompt_ids": torch.tensor(self._prompt_ids(prompt), dtype=torch.long)
         }
         if target is not None:
             enc = encode_example(
@@ -148,6 +148,11 @@ class _MediaTextDataset(Dataset):
             out["input_ids"] = torch.tensor(enc.input_ids, dtype=torch.long)
             out["labels"] = torch.tensor(enc.labels, dtype=torch.long)
         return out
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        ids = encode_prompt(self.tokenizer, prompt, add_bos=self.add_bos)
+        bos = int(self.add_bos if self.add_bos is not None else self.tokenizer.bos_token_id is not None)
+        return truncate_prompt(ids, self.max_length, keep_first=bos)
 
     def _guard(self, sample: QASample | CaptionSample, build: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
         try:

@@ -9,6 +9,7 @@ are the values hard-coded in the authors' release (CLIP's), which produced the p
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,16 +42,36 @@ _FILL = (128, 128, 128)
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Decode an image fully (truncated files fail here, not later) and convert it to RGB."""
+    """Decode an image fully (truncated files fail here, not later) and convert it to RGB.
+
+    16-bit images are scaled to 8 bits (PIL's ``convert`` would clip them: 20000 -> 255). An
+    image over PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``, a possible decompression bomb) is a
+    ``MediaError``, like any unreadable file, so ``on_error="skip"`` skips it.
+    """
     path = Path(path)
     if not path.is_file():
         raise MediaError(path, "file not found")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return _to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise MediaError(path, f"image too large, refused as a possible decompression bomb ({e})") from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise MediaError(path, f"unreadable image ({type(e).__name__}: {e})") from e
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, scaling 16-bit / 32-bit integer images (modes I;16*, I) to 8 bits instead of clipping."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or arr.max(initial=0) > 255:
+            arr = arr / 257.0  # 65535 -> 255
+        gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    return img.convert("RGB")
 
 
 def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -20,6 +20,7 @@ not fit the LM's embedding matrix -- it never resizes the LM.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -41,7 +42,37 @@ __all__ = [
     "build_generation_inputs",
     "DataCollator",
     "make_collate_fn",
+    "TruncatedTextWarning",
+    "text_token_limit",
+    "truncate_prompt",
 ]
+
+
+class TruncatedTextWarning(UserWarning):
+    """A training text was longer than the LM's positions and was cut (the answer is kept)."""
+
+
+def text_token_limit(model: Any) -> int | None:
+    """How many text tokens an EPALM's LM can take after its prefix (slot + soft prompt); None: no limit.
+
+    The limit is the LM's ``max_position_embeddings`` (``n_positions`` for GPT-2) minus the prefix.
+    """
+    cfg = getattr(getattr(model, "lm", None), "config", None)
+    positions = getattr(cfg, "max_position_embeddings", None) if cfg is not None else None
+    if not isinstance(positions, int) or positions <= 0:
+        return None
+    config = model.config
+    prefix = 1 + (config.prompt_len or 0)
+    return max(1, positions - prefix)
+
+
+def truncate_prompt(ids: list[int], max_length: int | None, keep_first: int = 0) -> list[int]:
+    """Keep the first ``keep_first`` ids (BOS) and the *last* ones, ``max_length`` in all: the end of a
+    prompt (``...?</a>``) is what the answer follows."""
+    if max_length is None or len(ids) <= max_length:
+        return ids
+    tail = max(0, max_length - keep_first)
+    return ids[:keep_first] + (ids[len(ids) - tail:] if tail else [])
 
 DEFAULT_SEPARATOR = "</a>"
 IGNORE_INDEX = -100
@@ -140,7 +171,10 @@ def encode_example(
 ) -> Encoded:
     """Tokenize ``[BOS] prompt target [EOS]`` and label it (see module doc for ``loss_on``).
 
-    ``max_length`` truncates the end of ``prompt + target`` but always keeps BOS and EOS.
+    ``max_length`` (the LM's positions): a longer text loses the *start of the prompt* first, so the
+    target (the answer) and the prompt's end (the separator) are kept; only a target longer than
+    ``max_length`` on its own is cut at its end. BOS and EOS are always kept. A
+    :class:`TruncatedTextWarning` says so.
     """
     if loss_on not in ("answer", "all"):
         raise ValueError(f"loss_on must be 'answer' or 'all', not {loss_on!r}")
@@ -153,11 +187,17 @@ def encode_example(
     p, t = _ids(tokenizer, prompt), _ids(tokenizer, target)
     body = p + t
     body_labels = (p if loss_on == "all" else [IGNORE_INDEX] * len(p)) + t
-    if max_length is not None:
+    if max_length is not None and len(bos) + len(body) + len(eos) > max_length:
         keep = max_length - len(bos) - len(eos)
         if keep < 0:
             raise ValueError(f"max_length={max_length} leaves no room for BOS/EOS")
-        body, body_labels = body[:keep], body_labels[:keep]
+        n = len(body)
+        cut = max(0, len(p) - max(0, keep - len(t)))  # prompt tokens dropped from the start
+        body, body_labels = body[cut:], body_labels[cut:]
+        body, body_labels = body[:keep], body_labels[:keep]  # a target longer than keep on its own
+        warnings.warn(f"text of {n + len(bos) + len(eos)} tokens is longer than the LM's {max_length} positions: "
+                      f"{'the prompt was cut at its start' if len(t) <= keep else 'the target was cut'} "
+                      f"({prompt[:40]!r}...)", TruncatedTextWarning, stacklevel=2)
     return Encoded(bos + body + eos, [IGNORE_INDEX] * len(bos) + body_labels + eos)
 
 
