@@ -281,3 +281,21 @@ def load_encoder(name: str, num_layers: int = 6, pretrained: bool = True, **kwar
     else:
         model = AutoModel.from_config(AutoConfig.from_pretrained(name))
     return wrap_hf_encoder(model, num_layers)
+
+
+def count_tokens(encoder: nn.Module) -> int:
+    """How many last-layer tokens ``encoder(x, all_tokens=True)`` returns for one input.
+
+    Counted by running the encoder once on a zero image of its expected geometry (on its own
+    device: on the meta device this allocates nothing); only image encoders (and frame-wise video
+    over them) have a known input geometry.
+    """
+    inner = encoder.image_encoder if isinstance(encoder, FrameWiseEncoder) else encoder
+    size, channels = getattr(inner, "image_size", None), getattr(inner, "num_channels", None)
+    if getattr(inner, "modality", None) != "image" or size is None or channels is None:
+        raise ValueError(f"cannot count the tokens of a {getattr(inner, 'modality', type(inner).__name__)} "
+                         "encoder without an input: set EPALMConfig.encoder_tokens")
+    param = next(inner.parameters(), None)
+    x = torch.zeros(1, channels, *size, device=param.device if param is not None else None,
+                    dtype=param.dtype if param is not None else None)
+    return inner(x, all_tokens=True).shape[1]
