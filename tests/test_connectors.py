@@ -64,6 +64,22 @@ def test_engine_matches_reference_logits_and_gradients(family, mode, variant, pi
         assert a.abs().sum() > 0, f"{name} got no gradient"
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", MODES)
+def test_token_connector_with_soft_prompt_and_deep_prompt_matches_reference(family, mode, pixels, text):
+    """[K slots | prompt | text]: DePALM pairs its QP tokens with a soft prompt."""
+    ids, mask = text
+    for variant, extra in (("qp-l0", dict(prompt_len=2)), ("avgpool-inner", dict(prompt_len=2, deep_prompt=True))):
+        model = make(family, variant, mode, **extra)
+        assert model.engine.state is None
+        out = model(pixels, ids, mask)
+        ref = reference_logits(model, pixels, ids, mask)
+        torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-5)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for a, b in zip(torch.autograd.grad(out.logits.sum(), trainable), torch.autograd.grad(ref.sum(), trainable)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_slots_and_schedule(variant, pixels):
     model = make("opt", variant)
@@ -245,3 +261,14 @@ def test_parameter_counts_on_meta_opt_2_7b_vit_b16(variant):
     assert report["trainable"] == EXPECTED[variant]
     slots = {"qp": 32, "avgpool": 49, "linres": 49, "limber": 1}[variant.split("-")[0]]  # limber-all: N per call
     assert model.num_visual_slots == slots
+
+
+def test_params_command_reports_the_connector_variants(capsys):
+    import json
+
+    from epalm import cli
+
+    assert cli.main(["params", "--lm", "facebook/opt-2.7b", "--encoder", "vit_base_patch16_224",
+                     "--variant", "qp-l0"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["variant"] == "qp-l0" and report["trainable"] == EXPECTED["qp-l0"]

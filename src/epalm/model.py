@@ -2,6 +2,7 @@
 
     tokens  = encoder(media)                     (B, k, d_enc)   frozen, no grad
     visual  = connector(tokens)                  (B, k, d)       trainable
+              (token connectors: all N encoder tokens (B, N, d_enc) -> K slots (B, K, d))
     prompt  = soft_prompt(B)                     (B, P, d)       trainable (variants with a prompt)
     logits  = lm([slot | prompt | text])         injection hooks write visual[k(i)] at layer i
 
@@ -114,7 +115,7 @@ class EPALM(nn.Module):
             attach_adapters(self.engine.anatomy.layers, self.adapters)
         self.num_visual_levels = n_vis
         # slots per level: K for token connectors, 1 per [CLS] (all_patch_tokens: N, known per call)
-        self.num_visual_slots = getattr(self.connector, "num_tokens", 1) if config.connector != "linear" else 1
+        self.num_visual_slots = 1 if config.connector == "linear" else self.connector.num_tokens
         pad = getattr(lm.config, "pad_token_id", None)
         self.placeholder_id = pad if isinstance(pad, int) else 0
 
