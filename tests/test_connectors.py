@@ -3,6 +3,8 @@ LM input or at inner layers, checked against the slow reference like the paper's
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -264,11 +266,36 @@ def test_parameter_counts_on_meta_opt_2_7b_vit_b16(variant):
 
 
 def test_params_command_reports_the_connector_variants(capsys):
-    import json
-
     from epalm import cli
 
     assert cli.main(["params", "--lm", "facebook/opt-2.7b", "--encoder", "vit_base_patch16_224",
                      "--variant", "qp-l0"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["variant"] == "qp-l0" and report["trainable"] == EXPECTED["qp-l0"]
+
+
+def test_recipe_feature_cache_holds_all_tokens_and_trains_like_the_encoder(tmp_path):
+    """cache-features + train through the CLI on a QP recipe: (N, d_enc) features per image, and the
+    very same weights as training from the images."""
+    from epalm.feature_cache import FeatureCache
+    from test_recipe import build_assets, recipe, run_cli, trainable, write_config
+
+    assets = build_assets(tmp_path / "assets")
+    cfg_dict = recipe(assets, "vqa", tmp_path / "plain", train={"epochs": 1, "batch_size": 4})
+    cfg_dict["model"] = {**cfg_dict["model"], "encoder": assets["models"]["vit_pooler"], "variant": "qp-l0",
+                         "num_encoder_layers": 1, "num_visual_tokens": 2, "mapper_heads": 2}
+    cfg_dict["data"]["feature_cache_dtype"] = "float32"
+    cfg = write_config(tmp_path / "qp.yaml", cfg_dict)
+    cache = tmp_path / "cache"
+    rc, out, err = run_cli("train", cfg)
+    assert rc == 0, err[-3000:]
+    rc, out, err = run_cli("cache-features", cfg, f"data.feature_cache={cache}", "data.augment=false")
+    assert rc == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["shape"] == [5, 24]  # CLS + 2x2 patches, not 1 [CLS]
+    assert FeatureCache.read_meta(cache)["fingerprint"]["all_tokens"] is True
+    rc, out, err = run_cli("train", cfg, f"data.feature_cache={cache}", f"train.output_dir={tmp_path / 'cached'}")
+    assert rc == 0, err[-3000:]
+    plain, cached = trainable(tmp_path / "plain" / "checkpoint"), trainable(tmp_path / "cached" / "checkpoint")
+    assert plain.keys() == cached.keys() and any(k.startswith("connector.blocks.") for k in plain)
+    for k in plain:
+        assert torch.equal(cached[k], plain[k]), k
