@@ -91,8 +91,11 @@ def _linear_resampler(m, tokens):
 
 def _visual_tokens(model, pixels):
     cfg = model.config
-    if cfg.connector != "linear":  # one level of K slots
-        feats = model.encoder(pixels, all_tokens=True)
+    if cfg.connector != "linear":  # one level of K slots, read from the HF model's own hidden states
+        enc = model.encoder
+        hidden = enc.model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        layers = cfg.num_encoder_layers if cfg.connector in ("qpmapper", "linear_resampler") else 1
+        feats = torch.cat([enc.final_norm(h) for h in hidden[-layers:]], dim=1)
         fn = {"qpmapper": _query_mapper, "avgpool": _avg_pool, "linear_resampler": _linear_resampler}[cfg.connector]
         return [fn(model.connector, feats)]
     feats = model.encoder(pixels, all_tokens=model.config.all_patch_tokens)

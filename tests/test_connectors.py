@@ -82,6 +82,27 @@ def test_token_connector_with_soft_prompt_and_deep_prompt_matches_reference(fami
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", ["qp-l0", "qp-inner", "linres-inner"])
+def test_tokens_of_chosen_encoder_layers_match_reference(family, mode, variant, pixels, text):
+    """num_encoder_layers=L: the mapper / linear resampler read the tokens of the last L layers."""
+    ids, mask = text
+    model = make(family, variant, mode, num_encoder_layers=2)
+    assert model.encoder(pixels, all_tokens=True, token_layers=2).shape == (3, 10, 24)
+    out = model(pixels, ids, mask)
+    ref = reference_logits(model, pixels, ids, mask)
+    torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-5)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad(out.logits.sum(), trainable), torch.autograd.grad(ref.sum(), trainable)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # a model reading one layer differs (the reference is not blind to the layer choice)
+    one = make(family, variant, mode, num_encoder_layers=1)
+    if variant != "linres-inner":  # the resampler's token-axis Linear changes shape with L
+        one.load_trainable(model.trainable_state_dict())
+        assert (one(pixels, ids, mask).logits - out.logits).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_slots_and_schedule(variant, pixels):
     model = make("opt", variant)
@@ -158,6 +179,17 @@ def test_feature_cache_stores_all_tokens_for_token_connectors(tmp_path, pixels, 
     ids, mask = text
     torch.testing.assert_close(model(features=feats, input_ids=ids, attention_mask=mask).logits,
                                model(pixels, ids, mask).logits, rtol=1e-5, atol=1e-5)
+    # tokens of the last 2 layers: recorded in the fingerprint, (2 * 5, 24) per image
+    two = make("opt", "qp-l0", num_encoder_layers=2)
+    cfg = two.config
+    fp2 = encoder_fingerprint(two.encoder, "tiny-vit", {"size": 16}, all_tokens=True, token_layers=cfg.token_layers)
+    assert fp2["token_layers"] == 2 and "token_layers" not in fp
+    cache2 = FeatureCache.build(tmp_path / "c2", two.encoder, items, fp2, batch_size=2, dtype="float32",
+                                progress=False)
+    feats2 = cache2.get_batch(["0", "1", "2"])
+    assert feats2.shape == (3, 10, 24)
+    torch.testing.assert_close(two(features=feats2, input_ids=ids, attention_mask=mask).logits,
+                               two(pixels, ids, mask).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["qp-inner", "linres-inner"])
@@ -223,6 +255,10 @@ def test_config_errors():
         EPALMConfig(variant="qp-l0", num_visual_tokens=0)
     with pytest.raises(ValueError, match="connector='avgpool' needs num_visual_tokens"):
         EPALMConfig(connector="avgpool")
+    with pytest.raises(ValueError, match="connector='avgpool' pools the last layer's patch grid"):
+        EPALMConfig(variant="avgpool-l0", num_encoder_layers=2)
+    with pytest.raises(ValueError, match="token_layers=4 but the encoder has 3 layers"):
+        wrap_hf_encoder(tiny_vit(), num_layers=1)(torch.randn(1, 3, 16, 16), all_tokens=True, token_layers=4)
     with pytest.raises(ValueError, match="all_patch_tokens is for connector='linear'"):
         EPALMConfig(variant="qp-l0", all_patch_tokens=True)
     lm = tiny_lm("opt")
@@ -240,6 +276,7 @@ def test_count_tokens_of_image_encoders_on_meta():
         enc = wrap_hf_encoder(AutoModel.from_config(encoder_config("vit_base_patch16_224")), num_layers=1)
     assert count_tokens(enc) == 197
     assert count_tokens(wrap_hf_encoder(tiny_vit(), num_layers=1)) == 5
+    assert count_tokens(wrap_hf_encoder(tiny_vit(), num_layers=1), token_layers=3) == 15
 
 
 # Trainable parameters on OPT-2.7B (d=2560) + ViT-B/16 (d_enc=768, 197 tokens), counted by hand.

@@ -58,7 +58,8 @@ class EPALMConfig:
     prepends the token at the LM input only.
 
     ``connector``: ``"linear"`` (eP-ALM: a Linear per [CLS] token; ``all_patch_tokens`` projects
-    every token instead), or a token connector reading all last-layer encoder tokens and writing
+    every token instead), or a token connector reading all the encoder's tokens (of the last
+    ``num_encoder_layers`` layers, concatenated, for the mapper and the linear resampler) and writing
     ``num_visual_tokens`` (K) slots: ``"qpmapper"`` (learned queries, ``mapper_layers`` blocks of
     ``mapper_heads`` heads, inner width ``mapper_dim`` = encoder width by default),
     ``"avgpool"`` or ``"linear_resampler"`` (which needs ``encoder_tokens``, the encoder's token
@@ -118,11 +119,19 @@ class EPALMConfig:
                     raise ValueError(f"{name} must be a positive integer, got {value!r}")
             if self.num_visual_tokens is None:
                 raise ValueError(f"connector={self.connector!r} needs num_visual_tokens (K)")
+            if self.connector == "avgpool" and self.num_encoder_layers != 1:
+                raise ValueError("connector='avgpool' pools the last layer's patch grid: num_encoder_layers must be 1, "
+                                 f"got {self.num_encoder_layers}")
 
     @property
     def needs_all_tokens(self) -> bool:
-        """Whether the model reads every last-layer encoder token (cache / ``features=`` shape (B, N, d_enc))."""
+        """Whether the model reads every encoder token (cache / ``features=`` shape (B, N, d_enc))."""
         return bool(self.all_patch_tokens) or self.connector != "linear"
+
+    @property
+    def token_layers(self) -> int:
+        """How many last encoder layers' tokens a token connector reads (``num_encoder_layers``)."""
+        return self.num_encoder_layers if self.connector in ("qpmapper", "linear_resampler") else 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

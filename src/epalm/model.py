@@ -133,7 +133,7 @@ class EPALM(nn.Module):
             if encoder is None:
                 raise ValueError("connector='linear_resampler' without an encoder needs EPALMConfig.encoder_tokens "
                                  "(the token count of the cached features)")
-            n = count_tokens(encoder)
+            n = count_tokens(encoder, config.token_layers)
         return LinearResampler(d_enc, d, n, k)
 
     # ------------------------------------------------------------------ construction
@@ -256,7 +256,9 @@ class EPALM(nn.Module):
                 raise ValueError("pass media (pixel_values / video / audio) or precomputed features")
             if self.encoder is None:
                 raise ValueError("this model has no encoder (built with encoder=None): pass features=")
-            features = self.encoder(media, all_tokens=self.config.needs_all_tokens)
+            layers = self.config.token_layers
+            features = self.encoder(media, all_tokens=self.config.needs_all_tokens,
+                                    **({"token_layers": layers} if layers != 1 else {}))
         if features.ndim != 3:
             raise ValueError(f"encoder features must be (batch, tokens, dim), got {tuple(features.shape)}")
         features = features.to(self._connector_dtype)
