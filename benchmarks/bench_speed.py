@@ -53,6 +53,7 @@ from _common import (  # noqa: E402
 
 PROMPT_LEN = 10  # P: the soft prompt of the bare bound (= the epalm variant's prompt)
 ENCODER_DIM = 768  # ViT-B width of the cached features
+ENCODER_TOKENS = 197  # ViT-B/16 at 224 px: CLS + 14x14 patches (all-token variants: qp-l0, limber-all, ...)
 ENCODER_LEVELS = 6
 TARGETS = {"train": 0.90, "eval": 0.90, "generate_greedy": 0.85, "generate_beam3": 0.85}
 TINY_LM = "tiny-opt"
@@ -83,6 +84,12 @@ def make_inputs(lm, batch: int, seq: int, device: torch.device):
     mask = torch.ones_like(ids)
     features = torch.randn(batch, ENCODER_LEVELS, ENCODER_DIM, generator=g).to(device)
     return ids, mask, features
+
+
+def all_token_features(batch: int, device: torch.device) -> torch.Tensor:
+    """Cached last-layer tokens ``(B, 197, 768)`` for the variants that read every encoder token."""
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(batch, ENCODER_TOKENS, ENCODER_DIM, generator=g).to(device)
 
 
 def answer_labels(ids: torch.Tensor, answer: int) -> torch.Tensor:
@@ -187,7 +194,7 @@ def build_epalm(lm, lm_name: str, variant: str, device: torch.device):
     from epalm import EPALM, EPALMConfig
 
     torch.manual_seed(2)
-    cfg = EPALMConfig(lm=lm_name, encoder="vit_base_patch16_224", variant=variant)
+    cfg = EPALMConfig(lm=lm_name, encoder="vit_base_patch16_224", variant=variant, encoder_tokens=ENCODER_TOKENS)
     return EPALM(lm, None, cfg, encoder_dim=ENCODER_DIM).to(device)  # trainable parts stay fp32
 
 
@@ -251,7 +258,8 @@ def run(args: argparse.Namespace) -> dict:
     for variant in args.variants:
         model = build_epalm(build_lm(args.lm, device, dtype), args.lm, variant, device)
         trainable_params[variant] = model.parameter_report()["trainable"]
-        contenders[variant] = epalm_benchmarks(model, ids, mask, features, args, device, dtype)
+        feats = all_token_features(args.batch, device) if model.config.needs_all_tokens else features
+        contenders[variant] = epalm_benchmarks(model, ids, mask, feats, args, device, dtype)
 
     results: dict[str, dict[str, dict]] = {name: {} for name in contenders}
     for mode in args.modes:

@@ -27,7 +27,77 @@ def slow_mask(valid: torch.Tensor, num_slots: int, mode: str, dtype=torch.float3
     return mask
 
 
+def _linear(module, x):
+    return x @ module.weight.T + module.bias
+
+
+def _layer_norm(module, x):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + module.eps) * module.weight + module.bias
+
+
+def _gelu(x):
+    return 0.5 * x * (1.0 + torch.erf(x / 2.0 ** 0.5))
+
+
+def _attention(mha, q_in, kv_in):
+    """Multi-head attention written out from nn.MultiheadAttention's packed weights."""
+    d, h = mha.embed_dim, mha.num_heads
+    wq, wk, wv = mha.in_proj_weight.split(d)
+    bq, bk, bv = mha.in_proj_bias.split(d)
+    b, nq, nk = q_in.shape[0], q_in.shape[1], kv_in.shape[1]
+    q = (q_in @ wq.T + bq).view(b, nq, h, d // h).transpose(1, 2)
+    k = (kv_in @ wk.T + bk).view(b, nk, h, d // h).transpose(1, 2)
+    v = (kv_in @ wv.T + bv).view(b, nk, h, d // h).transpose(1, 2)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / (d // h) ** 0.5, dim=-1)
+    return _linear(mha.out_proj, (weights @ v).transpose(1, 2).reshape(b, nq, d))
+
+
+def _query_mapper(m, tokens):
+    x = _linear(m.in_proj, tokens)
+    q = m.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+    for blk in m.blocks:
+        kv = _layer_norm(blk.norm_attn, torch.cat([x, q], dim=1))
+        q = q + _attention(blk.attn, kv[:, x.shape[1]:], kv)
+        q = q + _linear(blk.ffn[2], _gelu(_linear(blk.ffn[0], _layer_norm(blk.norm_ffn, q))))
+    return _linear(m.proj, _layer_norm(m.norm_out, q))
+
+
+def _bins(n, k):
+    """Adaptive pooling bins: [floor(i n / k), ceil((i + 1) n / k))."""
+    return [(i * n // k, -(-(i + 1) * n // k)) for i in range(k)]
+
+
+def _avg_pool(m, tokens):
+    patches = tokens[:, 1:]
+    n, k = patches.shape[1], m.num_tokens
+    g, r = round(n ** 0.5), round(k ** 0.5)
+    out = []
+    if g * g == n and r * r == k:
+        for a0, a1 in _bins(g, r):
+            for b0, b1 in _bins(g, r):
+                cells = [patches[:, row * g + col] for row in range(a0, a1) for col in range(b0, b1)]
+                out.append(torch.stack(cells, 1).mean(1))
+    else:
+        out = [patches[:, a:b].mean(1) for a, b in _bins(n, k)]
+    return _linear(m.proj, torch.stack(out, 1))
+
+
+def _linear_resampler(m, tokens):
+    mixed = torch.einsum("kn,bnd->bkd", m.mix.weight, tokens) + m.mix.bias[None, :, None]
+    return _linear(m.proj, mixed)
+
+
 def _visual_tokens(model, pixels):
+    cfg = model.config
+    if cfg.connector != "linear":  # one level of K slots, read from the HF model's own hidden states
+        enc = model.encoder
+        hidden = enc.model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        layers = cfg.num_encoder_layers if cfg.connector in ("qpmapper", "linear_resampler") else 1
+        feats = torch.cat([enc.final_norm(h) for h in hidden[-layers:]], dim=1)
+        fn = {"qpmapper": _query_mapper, "avgpool": _avg_pool, "linear_resampler": _linear_resampler}[cfg.connector]
+        return [fn(model.connector, feats)]
     feats = model.encoder(pixels, all_tokens=model.config.all_patch_tokens)
     lin = model.connector.linears
     if model.config.all_patch_tokens:

@@ -95,11 +95,25 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "magma": dict(shared_connector=True, num_encoder_layers=1, prompt_len=0, adapters=True, inject="input"),
     "magma*": dict(shared_connector=True, num_encoder_layers=1, prompt_len=0, adapters=True, inject="input",
                    all_patch_tokens=True),
+    # DePALM (Vallaeys et al. 2024): LiMBeR with every last-layer token (CLS + patches) projected
+    # by one shared Linear at the input ("LiMBeR-all"); and token connectors over those tokens,
+    # K tokens at the input ("L0") or inserted at the first injected layer and overwritten after.
+    "limber-all": dict(shared_connector=True, num_encoder_layers=1, prompt_len=0, adapters=False, inject="input",
+                       all_patch_tokens=True),
+    "qp-l0": dict(connector="qpmapper", num_visual_tokens=32, num_encoder_layers=1, inject="input"),
+    "qp-inner": dict(connector="qpmapper", num_visual_tokens=32, num_encoder_layers=1, inject="deep"),
+    "avgpool-l0": dict(connector="avgpool", num_visual_tokens=49, num_encoder_layers=1, inject="input"),
+    "avgpool-inner": dict(connector="avgpool", num_visual_tokens=49, num_encoder_layers=1, inject="deep"),
+    "linres-l0": dict(connector="linear_resampler", num_visual_tokens=49, num_encoder_layers=1, inject="input"),
+    "linres-inner": dict(connector="linear_resampler", num_visual_tokens=49, num_encoder_layers=1, inject="deep"),
 }
+
+CONNECTORS = ("linear", "qpmapper", "avgpool", "linear_resampler")
 
 _PRESET_DEFAULTS: dict[str, Any] = dict(
     shared_connector=False, num_encoder_layers=6, prompt_len=0, prompt_mlp=True, deep_prompt=False,
     adapters=False, adapter_reduction=8, all_patch_tokens=False, inject="deep",
+    connector="linear", mapper_layers=2, mapper_heads=8,
 )
 
 
@@ -112,6 +126,14 @@ class EPALMConfig:
     explicitly overrides it. ``inject_start``/``inject_end`` (end exclusive) default to the
     release's 19..31 of 32 layers, scaled to the LM's depth; ``inject="input"`` (baselines)
     prepends the token at the LM input only.
+
+    ``connector``: ``"linear"`` (eP-ALM: a Linear per [CLS] token; ``all_patch_tokens`` projects
+    every token instead), or a token connector reading all the encoder's tokens (of the last
+    ``num_encoder_layers`` layers, concatenated, for the mapper and the linear resampler) and writing
+    ``num_visual_tokens`` (K) slots: ``"qpmapper"`` (learned queries, ``mapper_layers`` blocks of
+    ``mapper_heads`` heads, inner width ``mapper_dim`` = encoder width by default),
+    ``"avgpool"`` or ``"linear_resampler"`` (which needs ``encoder_tokens``, the encoder's token
+    count, when it cannot be counted from the encoder: cached features without an encoder).
     """
 
     lm: str = "facebook/opt-2.7b"
@@ -127,6 +149,12 @@ class EPALMConfig:
     adapter_reduction: int | None = None
     all_patch_tokens: bool | None = None
     inject: str | None = None  # "deep" | "input"
+    connector: str | None = None  # "linear" | "qpmapper" | "avgpool" | "linear_resampler"
+    num_visual_tokens: int | None = None  # K, token connectors only
+    mapper_layers: int | None = None
+    mapper_heads: int | None = None
+    mapper_dim: int | None = None
+    encoder_tokens: int | None = None  # N for linear_resampler (counted from the encoder if None)
     inject_start: int | None = None
     inject_end: int | None = None
     text_step: int = 1
@@ -155,6 +183,31 @@ class EPALMConfig:
             raise ConfigError(f"inject must be 'deep' or 'input', got {self.inject!r}")
         if self.num_encoder_layers < 1:
             raise ConfigError(f"num_encoder_layers must be >= 1, got {self.num_encoder_layers}")
+        if self.connector not in CONNECTORS:
+            raise ConfigError(f"connector must be one of {', '.join(CONNECTORS)}, got {self.connector!r}")
+        if self.connector != "linear":
+            if self.all_patch_tokens:
+                raise ConfigError(f"all_patch_tokens is for connector='linear'; connector={self.connector!r} "
+                                 "always reads all the encoder's tokens")
+            for name in ("num_visual_tokens", "mapper_layers", "mapper_heads", "mapper_dim", "encoder_tokens"):
+                value = getattr(self, name)
+                if value is not None and (not isinstance(value, int) or value < 1):
+                    raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if self.num_visual_tokens is None:
+                raise ConfigError(f"connector={self.connector!r} needs num_visual_tokens (K)")
+            if self.connector == "avgpool" and self.num_encoder_layers != 1:
+                raise ConfigError("connector='avgpool' pools the last layer's patch grid: num_encoder_layers must be 1, "
+                                 f"got {self.num_encoder_layers}")
+
+    @property
+    def needs_all_tokens(self) -> bool:
+        """Whether the model reads every encoder token (cache / ``features=`` shape (B, N, d_enc))."""
+        return bool(self.all_patch_tokens) or self.connector != "linear"
+
+    @property
+    def token_layers(self) -> int:
+        """How many last encoder layers' tokens a token connector reads (``num_encoder_layers``)."""
+        return self.num_encoder_layers if self.connector in ("qpmapper", "linear_resampler") else 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,7 +7,8 @@ to each recorded output, exactly as the authors' release does (their ViT fork re
 ``norm(x)`` after every block).
 
 ``encoder(x)`` returns ``(batch, k, dim)``. With ``all_tokens=True`` it returns every token of
-the last layer (after the final norm), ``(batch, n_tokens, dim)``: MAGMA*'s input.
+the last layer (after the final norm), ``(batch, n_tokens, dim)``: MAGMA*'s input (and, with
+``token_layers=L``, those of the last L layers concatenated: DePALM's QP mapper over chosen layers).
 """
 
 from __future__ import annotations
@@ -141,10 +142,14 @@ class Encoder(nn.Module):
         return h[:, self.cls_index] if self.pooling == "cls" else h.mean(dim=1)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, all_tokens: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, all_tokens: bool = False, token_layers: int = 1) -> torch.Tensor:
+        """``(B, k, d)`` per-layer summary tokens; ``all_tokens``: every token of the last
+        ``token_layers`` layers (each after the final norm), concatenated: ``(B, token_layers * N, d)``."""
         self.check_input(x)
+        if all_tokens and not 1 <= token_layers <= len(self.layers):
+            raise ValueError(f"token_layers={token_layers} but the encoder has {len(self.layers)} layers")
         recorded: list[torch.Tensor] = []
-        first = len(self.layers) - (1 if all_tokens else self.num_layers)
+        first = len(self.layers) - (token_layers if all_tokens else self.num_layers)
 
         def record(_module: nn.Module, _args: object, output: object) -> None:
             recorded.append(output[0] if isinstance(output, (tuple, list)) else output)
@@ -156,7 +161,7 @@ class Encoder(nn.Module):
             for handle in handles:
                 handle.remove()
         if all_tokens:
-            return self.final_norm(recorded[-1])
+            return torch.cat([self.final_norm(h) for h in recorded], dim=1)
         return torch.stack([self._pool(h) for h in recorded], dim=1)
 
 
@@ -177,13 +182,14 @@ class FrameWiseEncoder(nn.Module):
         self.num_layers = image_encoder.num_layers
 
     @torch.no_grad()
-    def forward(self, video: torch.Tensor, all_tokens: bool = False) -> torch.Tensor:
+    def forward(self, video: torch.Tensor, all_tokens: bool = False, token_layers: int = 1) -> torch.Tensor:
         if video.ndim == 4:
             video = video.unsqueeze(1)
         if video.ndim != 5:
             raise ValueError(f"video must be (batch, frames, channels, height, width), got {tuple(video.shape)}")
         b, t = video.shape[:2]
-        tokens = self.image_encoder(video.flatten(0, 1), all_tokens=all_tokens)  # (b*t, k, d)
+        extra = {"token_layers": token_layers} if token_layers != 1 else {}
+        tokens = self.image_encoder(video.flatten(0, 1), all_tokens=all_tokens, **extra)  # (b*t, k, d)
         return tokens.view(b, t, *tokens.shape[1:]).mean(dim=1)
 
 
@@ -284,3 +290,21 @@ def load_encoder(name: str, num_layers: int = 6, pretrained: bool = True, **kwar
     else:
         model = AutoModel.from_config(AutoConfig.from_pretrained(name))
     return wrap_hf_encoder(model, num_layers)
+
+
+def count_tokens(encoder: nn.Module, token_layers: int = 1) -> int:
+    """How many tokens ``encoder(x, all_tokens=True, token_layers=...)`` returns for one input.
+
+    Counted by running the encoder once on a zero image of its expected geometry (on its own
+    device: on the meta device this allocates nothing); only image encoders (and frame-wise video
+    over them) have a known input geometry.
+    """
+    inner = encoder.image_encoder if isinstance(encoder, FrameWiseEncoder) else encoder
+    size, channels = getattr(inner, "image_size", None), getattr(inner, "num_channels", None)
+    if getattr(inner, "modality", None) != "image" or size is None or channels is None:
+        raise ValueError(f"cannot count the tokens of a {getattr(inner, 'modality', type(inner).__name__)} "
+                         "encoder without an input: set EPALMConfig.encoder_tokens")
+    param = next(inner.parameters(), None)
+    x = torch.zeros(1, channels, *size, device=param.device if param is not None else None,
+                    dtype=param.dtype if param is not None else None)
+    return inner(x, all_tokens=True, **({"token_layers": token_layers} if token_layers != 1 else {})).shape[1]

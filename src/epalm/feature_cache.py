@@ -137,7 +137,7 @@ def weights_digest(module: nn.Module, sample: int = 2048) -> tuple[str, int]:
 
 
 def encoder_fingerprint(encoder: nn.Module, name: str, preprocessing: dict[str, Any],
-                        all_tokens: bool = False) -> dict[str, Any]:
+                        all_tokens: bool = False, token_layers: int = 1) -> dict[str, Any]:
     """Everything that determines a cached feature: encoder identity + weights, k, preprocessing.
 
     Args:
@@ -146,6 +146,8 @@ def encoder_fingerprint(encoder: nn.Module, name: str, preprocessing: dict[str, 
         preprocessing: how media become encoder input (image size, mean/std, frames, sample
             rate, ...); any JSON-serialisable dict. Changing any entry makes old caches stale.
         all_tokens: cache every last-layer token (MAGMA*) instead of per-layer [CLS] tokens.
+        token_layers: with ``all_tokens``, cache the tokens of the last ``token_layers`` layers
+            (concatenated on the token axis); recorded in the fingerprint only when > 1.
     """
     if not isinstance(preprocessing, dict):
         raise TypeError(f"preprocessing must be a dict describing the media transform, got {type(preprocessing).__name__}")
@@ -164,6 +166,8 @@ def encoder_fingerprint(encoder: nn.Module, name: str, preprocessing: dict[str, 
         "preprocessing": preprocessing,
         "extraction_version": EXTRACTION_VERSION,
     }
+    if all_tokens and token_layers != 1:
+        fp["token_layers"] = int(token_layers)
     return _normalize(fp)
 
 
@@ -552,6 +556,7 @@ def _run_encoder(writer: "_PartialWriter", encoder: nn.Module, items: Iterable, 
     pending: list[torch.Tensor] = []
     pending_set: set[str] = set()
     want_k = None if all_tokens else fingerprint.get("num_layers")
+    token_kwargs = {"token_layers": fingerprint["token_layers"]} if fingerprint.get("token_layers", 1) != 1 else {}
 
     def flush() -> None:
         try:
@@ -561,7 +566,7 @@ def _run_encoder(writer: "_PartialWriter", encoder: nn.Module, items: Iterable, 
             raise ValueError(f"media in one batch have different shapes: {shapes}") from err
         x = x.to(device, non_blocking=True)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-            out = encoder(x, all_tokens=True) if all_tokens else encoder(x)
+            out = encoder(x, all_tokens=True, **token_kwargs) if all_tokens else encoder(x)
         if not isinstance(out, torch.Tensor) or out.ndim != 3 or out.shape[0] != len(pending_ids):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"the encoder must return (batch={len(pending_ids)}, k, d) features, got {shape}")

@@ -2,6 +2,7 @@
 
     tokens  = encoder(media)                     (B, k, d_enc)   frozen, no grad
     visual  = connector(tokens)                  (B, k, d)       trainable
+              (token connectors: all N encoder tokens (B, N, d_enc) -> K slots (B, K, d))
     prompt  = soft_prompt(B)                     (B, P, d)       trainable (variants with a prompt)
     logits  = lm([slot | prompt | text])         injection hooks write visual[k(i)] at layer i
 
@@ -24,7 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EPALMConfig, check_model_path
-from .connectors import Connector, DeepPrompt, LayerAdapters, SoftPrompt
+from .connectors import (
+    AvgPoolResampler,
+    Connector,
+    DeepPrompt,
+    LayerAdapters,
+    LinearResampler,
+    QueryMapper,
+    SoftPrompt,
+)
+from .encoders import count_tokens
 from .injection import (
     InjectionEngine,
     InjectionState,
@@ -66,7 +76,7 @@ class EPALM(nn.Module):
         d_enc = encoder.hidden_size if encoder is not None else encoder_dim
         if d_enc is None:
             raise ValueError("pass an encoder or encoder_dim (the width of cached encoder features)")
-        if encoder is not None and not config.all_patch_tokens and encoder.num_layers < config.num_encoder_layers:
+        if encoder is not None and not config.needs_all_tokens and encoder.num_layers < config.num_encoder_layers:
             raise ValueError(
                 f"the encoder returns {encoder.num_layers} layers but num_encoder_layers={config.num_encoder_layers}"
             )
@@ -79,7 +89,8 @@ class EPALM(nn.Module):
             d_start, d_end = default_injection_range(n_layers)
             start = d_start if config.inject_start is None else config.inject_start
             end = d_end if config.inject_end is None else config.inject_end
-            n_vis = config.num_encoder_layers
+            # a token connector gives one set of K tokens: inserted at `start`, overwritten after
+            n_vis = config.num_encoder_layers if config.connector == "linear" else 1
         if not (0 <= start < end <= n_layers):
             raise ValueError(
                 f"injection layers [{start}, {end}) are out of range for an LM with {n_layers} layers "
@@ -91,7 +102,7 @@ class EPALM(nn.Module):
         d = self.engine.anatomy.hidden_size
 
         # ---- trainable parts
-        self.connector = Connector(d_enc, d, n_vis, shared=config.shared_connector or config.all_patch_tokens)
+        self.connector = self._build_connector(config, encoder, d_enc, d, n_vis)
         self.prompt = None
         self.deep_prompt = None
         if config.prompt_len and config.deep_prompt:
@@ -103,8 +114,27 @@ class EPALM(nn.Module):
             self.adapters = nn.ModuleList(LayerAdapters(d, config.adapter_reduction) for _ in range(n_layers))
             attach_adapters(self.engine.anatomy.layers, self.adapters)
         self.num_visual_levels = n_vis
+        # slots per level: K for token connectors, 1 per [CLS] (all_patch_tokens: N, known per call)
+        self.num_visual_slots = 1 if config.connector == "linear" else self.connector.num_tokens
         pad = getattr(lm.config, "pad_token_id", None)
         self.placeholder_id = pad if isinstance(pad, int) else 0
+
+    @staticmethod
+    def _build_connector(config: EPALMConfig, encoder, d_enc: int, d: int, n_vis: int) -> nn.Module:
+        k = config.num_visual_tokens
+        if config.connector == "linear":
+            return Connector(d_enc, d, n_vis, shared=config.shared_connector or config.all_patch_tokens)
+        if config.connector == "qpmapper":
+            return QueryMapper(d_enc, d, k, config.mapper_layers, config.mapper_heads, config.mapper_dim)
+        if config.connector == "avgpool":
+            return AvgPoolResampler(d_enc, d, k)
+        n = config.encoder_tokens
+        if n is None:
+            if encoder is None:
+                raise ValueError("connector='linear_resampler' without an encoder needs EPALMConfig.encoder_tokens "
+                                 "(the token count of the cached features)")
+            n = count_tokens(encoder, config.token_layers)
+        return LinearResampler(d_enc, d, n, k)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -245,16 +275,23 @@ class EPALM(nn.Module):
                 raise ValueError("pass media (pixel_values / video / audio) or precomputed features")
             if self.encoder is None:
                 raise ValueError("this model has no encoder (built with encoder=None): pass features=")
-            features = self.encoder(media, all_tokens=self.config.all_patch_tokens)
+            layers = self.config.token_layers
+            features = self.encoder(media, all_tokens=self.config.needs_all_tokens,
+                                    **({"token_layers": layers} if layers != 1 else {}))
         if features.ndim != 3:
             raise ValueError(f"encoder features must be (batch, tokens, dim), got {tuple(features.shape)}")
-        features = features.to(self.connector.linears[0].weight.dtype)
-        if self.config.all_patch_tokens:
-            return self.connector(features).unsqueeze(1)  # (B, 1, N, d): one level, N slots
+        features = features.to(self._connector_dtype)
+        if self.config.needs_all_tokens:
+            # (B, 1, S, d): one level of S slots (all_patch_tokens: S = N; token connectors: S = K)
+            return self.connector(features).unsqueeze(1)
         n = self.num_visual_levels
         if features.shape[1] < n:
             raise ValueError(f"features have {features.shape[1]} encoder layers but the model needs {n}")
         return self.connector(features[:, -n:]).unsqueeze(2)  # (B, n, 1, d)
+
+    @property
+    def _connector_dtype(self) -> torch.dtype:
+        return next(self.connector.parameters()).dtype
 
     def injection_state(self, media=None, features=None, batch_size: int | None = None) -> InjectionState:
         tokens = self.visual_tokens(media, features)
@@ -338,6 +375,9 @@ class EPALM(nn.Module):
                 f"variant {self.config.variant!r} trains parameters below the first injected layer (soft "
                 "prompt or adapters), so the lower layers' states change during training: text_states "
                 "can only be reused by variants without them (lin, or epalm with prompt_len=0)")
+        if self.config.all_patch_tokens:
+            raise ValueError("text_states reuse needs a fixed number of slots; all_patch_tokens takes one per "
+                             "encoder token")
         if self.engine.anatomy.layer_types is not None:
             raise ValueError("text_states reuse is not supported for LMs with per-layer attention types "
                              f"({type(self.lm).__name__}): their decoder indexes layers by position")
@@ -353,8 +393,9 @@ class EPALM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         b = input_ids.shape[0]
-        w = self.connector.linears[0].weight
-        state = InjectionState(tokens=w.new_zeros(b, self.num_visual_levels, 1, w.shape[0]), prompt=None,
+        w = next(self.connector.parameters())
+        d = self.engine.anatomy.hidden_size
+        state = InjectionState(tokens=w.new_zeros(b, self.num_visual_levels, self.num_visual_slots, d), prompt=None,
                                mode=self.config.attention, capture=True)
         ids, mask = self._with_prefix(state, input_ids, attention_mask)
         try:

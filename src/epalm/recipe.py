@@ -243,7 +243,7 @@ def build_feature_cache(cfg: RunConfig, encoder, datasets, progress: bool = True
 
     path = Path(cfg.data.feature_cache)
     fingerprint = encoder_fingerprint(encoder, cfg.model.encoder, preprocessing_fingerprint(cfg),
-                                      all_tokens=bool(cfg.model.all_patch_tokens))
+                                      all_tokens=cfg.model.needs_all_tokens, token_layers=cfg.model.token_layers)
     try:
         return FeatureCache.open(path, fingerprint)  # a stale cache raises StaleCacheError: never reused
     except FileNotFoundError:
