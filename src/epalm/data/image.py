@@ -380,7 +380,7 @@ class ImageLoader:
         self.train_transform = ImageTransform(size, mean, std, train=True)
         self.augment = augment
 
-    def __call__(self, path: str | Path, train: bool = False) -> torch.Tensor:
+    def __call__(self, path: str | Path, train: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         img = load_image(path)
         t = self.train_transform if (train and self.augment) else self.eval_transform
-        return t(img)
+        return t(img, generator=generator)
