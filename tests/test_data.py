@@ -1051,6 +1051,22 @@ def test_vqa_dataset_train_samples_answers(vqa_samples, tokenizer):
     assert {ds.choose_answer(weighted) for _ in range(20)} == {"a"}
 
 
+def test_dataset_items_draw_every_random_choice_from_the_given_generator(vqa_samples, tokenizer):
+    """Augmentation and answer choice come from the generator, not the global RNG (the trainer seeds
+    it by (seed, epoch, index), so a sample does not depend on the worker that loads it)."""
+    ds = VQADataset(vqa_samples, tokenizer, train=True, media_loader=ImageLoader(32, MEAN, STD))
+
+    def item(seed):
+        torch.manual_seed(1234 + seed * 7)  # global RNG scrambled differently each time: must not matter
+        return ds.get(0, generator=torch.Generator().manual_seed(seed))
+
+    a, b = item(5), item(5)
+    assert torch.equal(a["media"], b["media"]) and a["answer"] == b["answer"]
+    others = [item(s) for s in range(6, 16)]
+    assert any(not torch.equal(a["media"], o["media"]) for o in others)  # augmentation follows the seed
+    assert len({o["answer"] for o in others} | {a["answer"]}) > 1  # so does the sampled answer
+
+
 def test_few_shot_subsets_are_seeded_and_nonempty(vqa_samples, tokenizer):
     assert few_shot_indices(100, 0.1, seed=3) == few_shot_indices(100, 0.1, seed=3)
     assert len(few_shot_indices(100, 0.1)) == 10 and len(few_shot_indices(100, 0.01)) == 1
