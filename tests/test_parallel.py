@@ -1,6 +1,7 @@
 """FSDP2 on CPU with 2 gloo processes: the same trainable weights as one plain process, exact resume
 from sharded parameters, checkpoints holding whole (gathered) trainable weights, and generation
-during evaluation under FSDP. (Activation checkpointing is tested in test_train.py.)"""
+during evaluation under FSDP, and activation checkpointing with and without FSDP (its gradient
+equality on one process is tested in test_train.py)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,13 @@ SCRIPT = textwrap.dedent('''
     weights = straight.trainable_state_dict()  # gathered on every process
     if acc.is_main_process:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "straight.safetensors"))
+
+    # the same run with the LM's layers recomputed in the backward pass (FSDP + activation checkpointing)
+    ckpt = make("ckpt", gradient_checkpointing=True)
+    ckpt.train()
+    weights = ckpt.trainable_state_dict()
+    if acc.is_main_process:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "ckpt.safetensors"))
 
     # interrupted after 4 steps (checkpoint every step), then resumed by a new trainer
     first = make("resumed", save_every=1)
@@ -150,6 +158,16 @@ def test_fsdp_two_processes_match_one_plain_process(fsdp_runs):
     # the checkpoint holds the whole gathered weights (not a shard)
     saved = load_file(str(fsdp_runs / "fsdp" / "straight" / "checkpoint" / "epalm_weights.safetensors"))
     assert all(torch.equal(saved[k], two[k]) for k in two)
+
+
+@pytest.mark.parametrize("mode", ["plain", "fsdp"])
+def test_activation_checkpointing_trains_the_same_weights(fsdp_runs, mode):
+    from safetensors.torch import load_file
+
+    straight = load_file(str(fsdp_runs / mode / "straight.safetensors"))
+    ckpt = load_file(str(fsdp_runs / mode / "ckpt.safetensors"))
+    for k in straight:
+        torch.testing.assert_close(ckpt[k], straight[k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_fsdp_resume_from_sharded_parameters_is_exact(fsdp_runs):
