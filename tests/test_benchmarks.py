@@ -80,3 +80,29 @@ def test_bench_speed_rejects_unknown_lm(tmp_path):
     assert proc.returncode != 0
     assert "--lm must be one of" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_data_tiny(tmp_path):
+    pytest.importorskip("av")
+    pytest.importorskip("soundfile")
+    report = run_script("bench_data.py", tmp_path / "data.json")
+    assert report["benchmark"] == "data" and report["tiny"] is True
+    assert set(report["results"]) == {"image", "audio", "video"}
+    for name, r in report["results"].items():
+        assert set(r["by_workers"]) == {"0", "1", "2"}, name
+        assert all(x["samples_per_s"] > 0 and x["samples"] == r["files"] for x in r["by_workers"].values())
+        assert r["workers_for_target"] == -(-report["target_samples_per_s"] // r["per_core_samples_per_s"])
+
+
+def test_gpu_check_tiny(tmp_path):
+    pytest.importorskip("av")
+    pytest.importorskip("soundfile")
+    report = run_script("gpu_check.py", tmp_path / "gpu.json")
+    assert report["ok"] is True, json.dumps(report["parts"])[-3000:]
+    train = report["parts"]["train"]
+    assert train["steps"] >= 2 and train["num_workers"] >= 1 and train["evaluated"] and train["checkpoint"]
+    assert set(report["parts"]["speed"]["ratios"]["epalm"]) == {"train", "eval", "generate_greedy", "generate_beam3"}
+    assert report["parts"]["data"]["results"]["image"]["per_core_samples_per_s"] > 0
+    proj = report["projection"]
+    assert proj["hours"] > 0 and proj["bound"] in ("gpu", "data")
+    assert proj["hours"] == pytest.approx(8 * 443_757 / proj["samples_per_s"] / 3600)

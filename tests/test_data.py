@@ -696,6 +696,116 @@ def test_randaugment_every_op_keeps_size(root):
         RandAugment(ops=["Solarize!"])
 
 
+# ---- the release's RandomAugment(2, 7), op by op, against values worked out by hand
+
+def _grid(h=5, w=5):
+    """A small RGB image whose pixel (r, c, ch) is 3 * (15 r + 3 c + ch): every value distinct."""
+    return np.arange(h * w * 3, dtype=np.uint8).reshape(h, w, 3) * 3
+
+
+def _op(fn, arr, *args):
+    from epalm.data import image as im
+
+    return np.asarray(getattr(im, fn)(Image.fromarray(arr), *args))
+
+
+def test_release_magnitudes_at_m7():
+    ra = RandAugment(2, 7)
+    assert ra.argument("Brightness") == pytest.approx(1.36) and ra.argument("Sharpness") == pytest.approx(1.36)
+    assert ra.argument("Identity") is None and ra.argument("Equalize") is None
+    g = torch.Generator().manual_seed(0)
+    assert {round(abs(ra.argument("ShearX", g)), 6) for _ in range(20)} == {0.21}
+    assert {round(ra.argument("TranslateY", g), 6) for _ in range(40)} == {7.0, -7.0}  # pixels, not a fraction
+    assert {round(ra.argument("Rotate", g), 6) for _ in range(40)} == {21.0, -21.0}
+    # the release's op list, ops drawn with replacement, each applied with p = 0.5
+    assert RandAugment.OPS == ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX",
+                               "ShearY", "TranslateX", "TranslateY", "Rotate")
+    counts = [len(RandAugment(2, 7).sample(torch.Generator().manual_seed(s))) for s in range(400)]
+    assert 0.9 < sum(counts) / 400 < 1.1  # expected 2 x 0.5
+
+
+def test_brightness_truncates_like_the_release():
+    arr = np.array([[[0, 100, 200], [10, 187, 188]]], np.uint8)
+    out = _op("brightness", arr, 1.36)
+    # 100 * 1.36 = 136; 10 * 1.36 = 13.6 -> 13 (truncated); 187 * 1.36 = 254.3 -> 254; 188 * 1.36 = 255.7 -> 255
+    assert out.tolist() == [[[0, 136, 255], [13, 254, 255]]]
+
+
+def test_autocontrast_stretches_each_channel():
+    arr = np.array([[[5, 0, 7], [56, 255, 7]], [[30, 128, 7], [6, 10, 7]]], np.uint8)
+    out = _op("autocontrast", arr)
+    # red: [5, 56] -> scale 255 / 51 = 5, offset -25: 30 -> 125, 6 -> 5; green already full; blue flat
+    assert out[..., 0].tolist() == [[0, 255], [125, 5]]
+    assert out[..., 1].tolist() == arr[..., 1].tolist()
+    assert (out[..., 2] == 7).all()
+
+
+def test_equalize_matches_pils_rule():
+    # one channel with values 0 (x2), 1 (x1), 2 (x1): step = (4 - 1) // 255 = 0 -> unchanged
+    small = np.zeros((1, 4, 3), np.uint8)
+    small[0, :, 0] = [0, 0, 1, 2]
+    assert _op("equalize", small).tolist() == small.tolist()
+    # 510 pixels of 0 and 510 of 255: step = 510 // 255 = 2; lut[0] = (2 // 2) // 2 = 0, lut[255] = (1 + 510) // 2 = 255
+    two = np.zeros((2, 510, 3), np.uint8)
+    two[1] = 255
+    assert _op("equalize", two).tolist() == two.tolist()
+    # 255 pixels each of 10 and 20 (+ one of 30): step = 510 // 255 = 2; lut[10] = 1 // 2 = 0,
+    # lut[20] = (1 + 255) // 2 = 128, lut[30] = (1 + 510) // 2 = 255
+    vals = np.array([10] * 255 + [20] * 255 + [30], np.uint8)
+    arr = np.stack([vals] * 3, -1)[None]
+    out = _op("equalize", arr)[0, :, 0]
+    assert (out[:255] == 0).all() and (out[255:510] == 128).all() and out[510] == 255
+
+
+def test_sharpness_blends_with_the_smoothed_image_inside_the_border():
+    arr = np.full((3, 3, 3), 100, np.uint8)
+    arr[1, 1] = 230
+    out = _op("sharpness", arr, 1.36)
+    # centre: degenerate = round((8 * 100 + 5 * 230) / 13) = round(150) = 150; 150 + 1.36 * 80 = 258.8 -> 255
+    assert out[1, 1].tolist() == [255, 255, 255]
+    assert (np.delete(out.reshape(9, 3), 4, axis=0) == 100).all()  # the 1-pixel border is kept
+    arr[1, 1] = 113  # degenerate = (8 * 100 + 5 * 113) / 13 = 105
+    out = _op("sharpness", arr, 1.36)
+    assert out[1, 1, 0] == int(105 + 1.36 * (113 - 105))  # 115.88 -> 115
+
+
+def test_translations_are_whole_pixels_with_grey_fill():
+    a = _grid()
+    left = _op("translate_x", a, 2.0)  # content moves 2 px left
+    assert (left[:, :3] == a[:, 2:]).all() and (left[:, 3:] == 128).all()
+    right = _op("translate_x", a, -2.0)
+    assert (right[:, 2:] == a[:, :3]).all() and (right[:, :2] == 128).all()
+    up = _op("translate_y", a, 1.0)
+    assert (up[:4] == a[1:]).all() and (up[4:] == 128).all()
+
+
+def test_shears_move_rows_and_columns():
+    a = _grid()
+    sx = _op("shear_x", a, 1.0)  # x' = x + y: row r shifts r pixels right
+    for r in range(5):
+        assert (sx[r, r:] == a[r, :5 - r]).all() and (sx[r, :r] == 128).all(), r
+    sy = _op("shear_y", a, -1.0)  # y' = y - x: column c shifts c pixels up
+    for c in range(5):
+        assert (sy[:5 - c, c] == a[c:, c]).all() and (sy[5 - c:, c] == 128).all(), c
+
+
+def test_rotate_about_opencvs_centre():
+    a = _grid()
+    out = _op("rotate", a, 90.0)  # counter-clockwise about (W/2, H/2) = (2.5, 2.5) in pixel centres
+    # forward map x' = y, y' = W - x: dst[r, c] = src[c, W - r]; row 0 comes from x = 5 (outside): fill
+    assert (out[0] == 128).all()
+    for r in range(1, 5):
+        for c in range(5):
+            assert (out[r, c] == a[c, 5 - r]).all(), (r, c)
+    assert (_op("rotate", a, 0.0) == a).all()
+
+
+def test_identity_and_skipped_ops_leave_the_image():
+    img = Image.fromarray(_grid())
+    assert np.array_equal(np.asarray(RandAugment.apply(img, [("Identity", None)])), _grid())
+    assert RandAugment(2, 7, p=0.0).sample(torch.Generator().manual_seed(0)) == []
+
+
 @pytest.mark.parametrize("name", ["bad.jpg", "truncated.jpg", "absent.jpg"])
 def test_corrupt_or_missing_image_raises_media_error(root, name):
     with pytest.raises(MediaError, match=name) as info:
@@ -939,6 +1049,22 @@ def test_vqa_dataset_train_samples_answers(vqa_samples, tokenizer):
     assert seen <= set(VQA_ANSWERS) and "net" in seen and len(seen) > 1
     weighted = QASample(1, "m", Path("m.jpg"), "q", ["a", "b"], weights=[1.0, 0.0])
     assert {ds.choose_answer(weighted) for _ in range(20)} == {"a"}
+
+
+def test_dataset_items_draw_every_random_choice_from_the_given_generator(vqa_samples, tokenizer):
+    """Augmentation and answer choice come from the generator, not the global RNG (the trainer seeds
+    it by (seed, epoch, index), so a sample does not depend on the worker that loads it)."""
+    ds = VQADataset(vqa_samples, tokenizer, train=True, media_loader=ImageLoader(32, MEAN, STD))
+
+    def item(seed):
+        torch.manual_seed(1234 + seed * 7)  # global RNG scrambled differently each time: must not matter
+        return ds.get(0, generator=torch.Generator().manual_seed(seed))
+
+    a, b = item(5), item(5)
+    assert torch.equal(a["media"], b["media"]) and a["answer"] == b["answer"]
+    others = [item(s) for s in range(6, 16)]
+    assert any(not torch.equal(a["media"], o["media"]) for o in others)  # augmentation follows the seed
+    assert len({o["answer"] for o in others} | {a["answer"]}) > 1  # so does the sampled answer
 
 
 def test_few_shot_subsets_are_seeded_and_nonempty(vqa_samples, tokenizer):

@@ -1,8 +1,10 @@
 """Open-ended evaluation: generate answers / captions, score them with the official metrics,
 write predictions in the official submission formats and an HTML page of examples.
 
-Distributed evaluation shards the dataset by index (rank::world, no padding), gathers every
-shard and keeps each sample exactly once.
+Distributed evaluation shards the dataset by index (rank::world), gathers every shard and keeps
+each sample exactly once. Under FSDP every process must run the same number of generation steps
+(each step gathers parameters from all of them): the shards are padded to equal length by
+repeating samples (dropped again when gathering) and ``generate`` runs with ``synced_gpus``.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from accelerate.utils import send_to_device
+from torch.utils.data import Dataset, Subset
 
+from .data.loading import default_num_workers, make_loader
 from .io import atomic_write_text
 from .model import EPALM
+from .parallel import is_sharded
 
 
 @dataclass
@@ -40,10 +45,10 @@ class GenerationConfig:
         return out
 
 
-def _media_kwargs(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+def _media_kwargs(batch: dict) -> dict[str, torch.Tensor]:
     if "features" in batch:
-        return {"features": batch["features"].to(device)}
-    return {"media": batch["media"].to(device)}
+        return {"features": batch["features"]}
+    return {"media": batch["media"]}
 
 
 @torch.no_grad()
@@ -56,24 +61,37 @@ def predict(
     batch_size: int = 64,
     accelerator: Any = None,
     progress: bool = True,
+    num_workers: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Generate for every sample; rows ``{sample_id, media_id, prediction, ...}`` in dataset order."""
+    """Generate for every sample; rows ``{sample_id, media_id, prediction, ...}`` in dataset order.
+
+    ``num_workers``: DataLoader worker processes (None: :func:`~epalm.data.loading.default_num_workers`).
+    """
     from tqdm.auto import tqdm
 
     generation = generation or GenerationConfig()
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     indices = list(range(rank, len(dataset), world))
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, collate_fn=collate)
-    device = next(p for p in model.parameters() if p.requires_grad).device
+    sharded = is_sharded(model)
+    extra = {}
+    if sharded and world > 1:  # equal shards (repeats are dropped when gathering), generation in lock-step
+        per_rank = -(-len(dataset) // world)
+        indices += [indices[-1] if indices else 0] * (per_rank - len(indices))
+        extra["synced_gpus"] = True
+    device = accelerator.device if accelerator is not None else next(
+        p for p in model.parameters() if p.requires_grad).device
+    workers = default_num_workers(len(indices)) if num_workers is None else num_workers
+    loader = make_loader(Subset(dataset, indices), batch_size=batch_size, collate_fn=collate, num_workers=workers,
+                         pin_memory=device.type == "cuda", persistent=False)
     model.eval()
     rows: list[dict[str, Any]] = []
     for batch in tqdm(loader, desc="generate", unit="batch", disable=not progress or rank != 0):
         if batch is None:  # every sample of this batch was skipped (on_error="skip")
             continue
-        new = model.generate(input_ids=batch["prompt_input_ids"].to(device),
-                             attention_mask=batch["prompt_attention_mask"].to(device),
+        batch = send_to_device(batch, device, non_blocking=True)
+        new = model.generate(input_ids=batch["prompt_input_ids"], attention_mask=batch["prompt_attention_mask"],
                              pad_token_id=getattr(tokenizer, "pad_token_id", None) or tokenizer.eos_token_id,
-                             **_media_kwargs(batch, device), **generation.kwargs())
+                             **_media_kwargs(batch), **generation.kwargs(), **extra)
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for i, text in enumerate(texts):
             row = {"prediction": text.strip()}

@@ -32,6 +32,7 @@ Attention semantics (``mode``):
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Literal
@@ -283,6 +284,12 @@ class InjectionEngine:
 
     def active(self, state: InjectionState) -> "InjectionEngine._Active":
         return self._Active(self, state)
+
+    def checkpoint_contexts(self):
+        """``context_fn`` of ``torch.utils.checkpoint``: the recomputation of a layer in the backward
+        pass runs inside the injection state that was active when the layer ran forward."""
+        state = self.state
+        return contextlib.nullcontext(), (self.active(state) if state is not None else contextlib.nullcontext())
 
     # hooks ---------------------------------------------------------------------------
     def _decoder_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):

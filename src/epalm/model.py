@@ -188,13 +188,16 @@ class EPALM(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"trainable": trainable, "total": total, "trainable_percent": 100.0 * trainable / max(total, 1)}
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write ``epalm_config.json`` and the trainable weights (safetensors), each atomically."""
+    def save_pretrained(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write ``epalm_config.json`` and the trainable weights (safetensors), each atomically.
+
+        ``state_dict``: the trainable weights to write instead of this model's own (the trainer's
+        gathered copy when the model is FSDP-sharded)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        tensors = {k: v.contiguous().cpu() for k, v in (state_dict or self.trainable_state_dict()).items()}
         _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=self._weights_metadata()))
         text = json.dumps(self.config.to_dict(), indent=2)
         _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))

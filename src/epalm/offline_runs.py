@@ -264,7 +264,7 @@ def _train(model, items: list[dict], out_dir: Path, *, epochs: int, batch_size: 
         items = [[items[i] for i in order[b:b + batch_size]] for b in range(0, len(order), batch_size)]
         collate, batch_size = (lambda batches, base=collate: base(batches[0])), 1
     cfg = TrainConfig(output_dir=str(out_dir), epochs=epochs, batch_size=batch_size, cpu=True, seed=seed,
-                      log_every=max(1, steps // 2),
+                      log_every=max(1, steps // 2), num_workers=0,  # in-memory items: no loader processes
                       optim=OptimConfig(lr=lr, warmup_lr=lr / 10, min_lr=lr / 100, weight_decay=0.02))
     trainer = Trainer(model, items, collate, cfg)
     state = trainer.train()

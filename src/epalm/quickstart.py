@@ -474,6 +474,7 @@ def _train(cfg: QuickstartConfig, model, encoded: list[tuple[tuple[int, ...], tu
 
     tcfg = TrainConfig(output_dir=str(out_dir), epochs=max(1, math.ceil(steps * cfg.batch_size / len(encoded))),
                        batch_size=cfg.batch_size, seed=cfg.seed, max_steps=steps, log_every=10,
+                       num_workers=0,  # the items are indices; collate reads in-memory features and text states
                        cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no",
                        optim=OptimConfig(lr=cfg.lr, warmup_lr=cfg.lr / 10, min_lr=cfg.lr / 100))
     trainer = Trainer(model, list(range(len(encoded))), collate, tcfg)

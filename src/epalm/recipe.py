@@ -349,7 +349,7 @@ def evaluate_and_write(cfg: RunConfig, model, dataset, collate, tokenizer, out_d
     from .evaluate import predict, score, write_examples_html, write_predictions
 
     rows = predict(model, dataset, collate, tokenizer, cfg.eval.generation, cfg.eval.batch_size,
-                   accelerator=accelerator, progress=progress)
+                   accelerator=accelerator, progress=progress, num_workers=cfg.train.num_workers)
     kind = cfg.metric_kind()
     scores = score(kind, rows, cfg.eval.caption_metrics)
     if accelerator is None or accelerator.is_main_process:

@@ -7,6 +7,14 @@ Exact resume: the epoch order is a permutation seeded by ``seed + epoch`` and a 
 stores the position inside it, with optimizer, scheduler and RNG states; so a resumed run
 sees the same batches and produces the same weights as an uninterrupted one.
 
+Data: a torch ``DataLoader`` (worker processes, pinned memory on CUDA, persistent workers,
+prefetching) over a batch sampler that walks that epoch order; every sample's randomness is seeded
+by (seed, epoch, index) (``epalm.data.loading``), so results do not depend on the number of workers.
+Every tensor of a batch is moved to the accelerator's device before the model sees it.
+
+Past one GPU: ``fsdp`` (or an accelerate FSDP launch config) shards the frozen LM's layers with
+FSDP2; ``gradient_checkpointing`` recomputes them in the backward pass (``epalm.parallel``).
+
 Loss normalisation is global: the summed token cross-entropy is divided by the number of
 labelled tokens of the whole (all-process) batch, so 2 processes x 8 samples give the same
 update as 1 process x 16 samples.
@@ -26,13 +34,21 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from accelerate.utils import send_to_device
 from torch.utils.data import Dataset
 
 from . import checkpoint as ckpt
 from .config import check_fields
 from .errors import CheckpointError, ConfigError, UserError
 from .io import atomic_write_json, atomic_write_text
+from .data.loading import EpochBatchSampler, SeededSamples, default_num_workers, make_loader
 from .model import EPALM
+from .parallel import (
+    enable_activation_checkpointing,
+    full_trainable_state_dict,
+    load_trainable_state_dict,
+    shard_model,
+)
 
 
 @dataclass
@@ -66,7 +82,10 @@ class TrainConfig:
     log_every: int = 10
     save_every: int | None = None  # optimizer steps between mid-epoch checkpoints
     on_nan: str = "stop"  # "stop" | "skip"
-    num_workers: int = 0
+    num_workers: int | None = None  # DataLoader workers; None: min(8, cores - 1), 0 below 256 samples
+    prefetch_factor: int = 4  # batches each worker loads ahead
+    gradient_checkpointing: bool = False  # recompute the frozen LM's layers in the backward pass
+    fsdp: bool = False  # shard the frozen LM's layers with FSDP2 (also on under an accelerate FSDP config)
     cpu: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -77,7 +96,7 @@ class TrainConfig:
             raise ConfigError(f"train.optim must be a mapping, got {self.optim!r}")
         check_fields(self, "train", ranges={"epochs": (">=", 1), "batch_size": (">=", 1), "grad_accum": (">=", 1),
                                             "max_steps": (">=", 1), "log_every": (">=", 1), "save_every": (">=", 1),
-                                            "num_workers": (">=", 0)})
+                                            "num_workers": (">=", 0), "prefetch_factor": (">=", 1)})
         check_fields(self, "train", choices={"on_nan": ("stop", "skip"), "mixed_precision": ("no", "bf16", "fp16")})
 
 
@@ -170,6 +189,7 @@ class Trainer:
         fingerprint: dict | None = None,
     ) -> None:
         from accelerate import Accelerator
+        from accelerate.utils import DistributedType
 
         if len(train_dataset) == 0:
             raise UserError("the training set is empty: nothing to train on (check the data root and split)")
@@ -188,18 +208,32 @@ class Trainer:
         self.order = EpochOrder(len(train_dataset), config.batch_size // config.grad_accum, config.seed)
         self.steps_per_epoch = math.ceil(self.order.batches_per_epoch() / config.grad_accum)
         self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
+        self.flops_fwd, self.flops_bwd = forward_flops_per_token(model)
+        if config.gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        # FSDP: the Trainer shards the model itself (the same code on CPU/gloo and GPU/NCCL; accelerate
+        # only handles FSDP on accelerators), then neither model nor optimizer goes through prepare.
+        self.fsdp = config.fsdp or acc.distributed_type == DistributedType.FSDP
+        if self.fsdp:
+            model = shard_model(model, acc.device)
         groups, fixed = param_groups(model, config.optim)
         if not groups:
             raise ValueError("the model has no trainable parameters")
         optimizer = torch.optim.AdamW(groups, betas=config.optim.betas, weight_decay=config.optim.weight_decay,
-                                      fused=acc.device.type == "cuda")
+                                      fused=acc.device.type == "cuda" and not self.fsdp)
         lambdas = [(lambda s: 1.0) if f else (lambda s: lr_lambda(s, self.total_steps, config.optim))
                    for f in fixed]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if self.fsdp:
+            self.model, self.optimizer = model, optimizer
+        else:
+            self.model, self.optimizer = acc.prepare(model, optimizer)
         self.scheduler = scheduler
+        self.num_workers = (default_num_workers(len(train_dataset)) if config.num_workers is None
+                            else config.num_workers)
+        self.sampler = EpochBatchSampler(self.order, acc.process_index, acc.num_processes)
+        self._data = None  # the DataLoader, built on first use (its workers persist across epochs)
         self.state = {"epoch": 0, "batch": 0, "step": 0, "best_score": None, "skipped_nan": 0}
-        self.flops_fwd, self.flops_bwd = forward_flops_per_token(model)
         self.peak = _peak_flops(acc.device)
         self.amp_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.mixed_precision]
         self.scaler = (torch.amp.GradScaler(acc.device.type) if self.amp_dtype is torch.float16 else None)
@@ -213,20 +247,56 @@ class Trainer:
         return torch.autocast(self.accelerator.device.type, dtype=self.amp_dtype or torch.float32,
                               enabled=self.amp_dtype is not None)
 
+    def to_device(self, batch):
+        """Every tensor of ``batch`` on the accelerator's device (non-blocking from pinned memory)."""
+        return send_to_device(batch, self.accelerator.device, non_blocking=True)
+
+    def no_sync(self):
+        """No gradient synchronisation inside an accumulation window (DDP and FSDP)."""
+        if self.fsdp:
+            return _fsdp_no_sync(self.model)
+        return self.accelerator.no_sync(self.model)
+
     # -------------------------------------------------------------- checkpointing
     @property
     def unwrapped(self) -> EPALM:
         return self.accelerator.unwrap_model(self.model)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable weights, whole (gathered from FSDP shards): call it on every process."""
+        return full_trainable_state_dict(self.unwrapped)
+
+    def load_trainable_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        load_trainable_state_dict(self.unwrapped, tensors)
+
+    def optimizer_state_dict(self) -> dict:
+        """The optimizer's state, whole under FSDP (a collective: call it on every process)."""
+        if not self.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state_dict(self, state: dict) -> None:
+        if not self.fsdp:
+            self.optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
 
     def save_checkpoint(self, name: str = "checkpoint") -> Path:
         """Trainable weights + optimizer + scheduler + RNG + data position, swapped in crash-safely
         (``epalm.checkpoint``: no pickle; a crash at any point leaves a complete checkpoint)."""
         acc = self.accelerator
         final = self.out / name
+        weights, optimizer_state = self.trainable_state_dict(), self.optimizer_state_dict()  # every process
         if acc.is_main_process:
             def write(tmp: Path) -> dict:
-                self.unwrapped.save_pretrained(tmp)
-                trainer = ckpt.write_trainer_state(tmp, self.optimizer.state_dict(), self.scheduler.state_dict(),
+                self.unwrapped.save_pretrained(tmp, state_dict=weights)
+                trainer = ckpt.write_trainer_state(tmp, optimizer_state, self.scheduler.state_dict(),
                                                    self.state)
                 return {"fingerprint": self.fingerprint, "trainer": trainer,
                         "scaler": self.scaler.state_dict() if self.scaler else None}
@@ -254,10 +324,16 @@ class Trainer:
         if manifest is None:
             raise CheckpointError(f"{folder}: cannot resume: {why}")
         ckpt.check_fingerprint(folder, manifest.get("fingerprint"), self.fingerprint)
-        self.unwrapped.load_trainable(folder / "epalm_weights.safetensors")
+        weights = folder / "epalm_weights.safetensors"
+        if self.fsdp:
+            from safetensors.torch import load_file
+
+            self.load_trainable_state_dict(load_file(str(weights)))
+        else:
+            self.unwrapped.load_trainable(weights)
         optimizer, scheduler, state = ckpt.read_trainer_state(folder, manifest)
         try:
-            self.optimizer.load_state_dict(optimizer)
+            self.load_optimizer_state_dict(optimizer)
             self.scheduler.load_state_dict(scheduler)
             if self.scaler and manifest.get("scaler"):
                 self.scaler.load_state_dict(manifest["scaler"])
@@ -285,17 +361,29 @@ class Trainer:
         return False
 
     # -------------------------------------------------------------- loop
+    @property
+    def data_loader(self):
+        """The training DataLoader: ``(epoch, index)`` batches of :class:`EpochBatchSampler`."""
+        if self._data is None:
+            self._data = make_loader(SeededSamples(self.dataset, self.cfg.seed), batch_sampler=self.sampler,
+                                     collate_fn=self.collate, num_workers=self.num_workers,
+                                     pin_memory=self.accelerator.device.type == "cuda",
+                                     prefetch_factor=self.cfg.prefetch_factor)
+        return self._data
+
+    def close(self) -> None:
+        """Stop the DataLoader's worker processes (they are started again when needed)."""
+        self._data = None
+
     def _loader(self, epoch: int, start_batch: int) -> Iterable:
-        """Windows of ``grad_accum`` micro-batches ``[(batch, global_size), ...]`` for this process."""
-        indices = self.order.indices(epoch, start_batch)
+        """Windows of ``grad_accum`` micro-batches ``[(batch, global_size), ...]`` for this process,
+        every tensor on the accelerator's device."""
         acc = self.accelerator
-        # every process walks the same global order and takes its slice of each global micro-batch
-        per_global = self.order.batch_size
+        self.sampler.set_position(epoch, start_batch)
+        sizes = self.sampler.global_sizes()
         window = []
-        for b in range(0, len(indices), per_global):
-            chunk = indices[b:b + per_global]
-            mine = chunk[acc.process_index::acc.num_processes] or chunk[:1]
-            batch = self.collate([self.dataset[i] for i in mine])
+        for batch, size in zip(self.data_loader, sizes):
+            chunk = range(size)
             if batch is None:  # every sample was skipped (data.on_error=skip)
                 if acc.num_processes > 1:
                     raise RuntimeError(f"every sample of a micro-batch was skipped on process {acc.process_index} "
@@ -306,7 +394,7 @@ class Trainer:
                 if len(chunk) < acc.num_processes and acc.process_index >= len(chunk):
                     # fewer samples than processes: stay in lock-step with a sample that has no labels
                     batch["labels"] = torch.full_like(batch["labels"], -100)
-                window.append((batch, len(chunk)))
+                window.append((self.to_device(batch), len(chunk)))
             if len(window) == self.cfg.grad_accum:
                 yield window
                 window = []
@@ -333,7 +421,7 @@ class Trainer:
         live = [b for b, _ in window if b is not None]
         for i, batch in enumerate(live):
             sync = i == len(live) - 1
-            ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
+            ctx = contextlib.nullcontext() if sync else self.no_sync()
             with ctx:
                 inputs = {k: v for k, v in batch.items() if k in self.MODEL_KEYS}
                 with self.autocast():
@@ -359,7 +447,11 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if cfg.optim.max_grad_norm:
-            acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
+            if self.fsdp:  # DTensor gradients: torch's clip works on them directly
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                               cfg.optim.max_grad_norm)
+            else:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
         if self.scaler:
             self.scaler.step(self.optimizer)  # skips the step when the scaled grads overflowed
             self.scaler.update()
@@ -382,6 +474,7 @@ class Trainer:
         try:
             self._train_loop(tb)
         finally:
+            self.close()
             if tb is not None:
                 tb.close()
         if acc.is_main_process:
@@ -456,9 +549,10 @@ class Trainer:
         best = self.state["best_score"]
         if score is not None and (best is None or score > best):
             self.state["best_score"] = score
+            weights = self.trainable_state_dict()  # every process (FSDP gathers)
             if self.accelerator.is_main_process:
                 def write(tmp: Path) -> None:
-                    self.unwrapped.save_pretrained(tmp)
+                    self.unwrapped.save_pretrained(tmp, state_dict=weights)
                     atomic_write_json(tmp / "metrics.json", {"epoch": epoch, **metrics})
 
                 try:
@@ -469,7 +563,17 @@ class Trainer:
 
 
 # TrainConfig fields that may change when resuming (they do not change the weights)
-RESUMABLE = ("output_dir", "log_every", "save_every", "num_workers", "cpu", "on_nan")
+RESUMABLE = ("output_dir", "log_every", "save_every", "num_workers", "prefetch_factor", "gradient_checkpointing",
+             "cpu", "on_nan")
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def _tensorboard(out: Path):

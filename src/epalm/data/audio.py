@@ -200,6 +200,6 @@ class AudioLoader:
             raise ValueError(f"unknown audio feature kind {kind!r}; expected 'ast' or 'whisper'")
         self.kind, self.augment = kind, augment
 
-    def __call__(self, path: str | Path, train: bool = False) -> torch.Tensor:
+    def __call__(self, path: str | Path, train: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         waveform, sr = load_audio(path)
-        return self.features(waveform, sr, train=train and self.augment)
+        return self.features(waveform, sr, train=train and self.augment, generator=generator)

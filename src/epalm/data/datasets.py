@@ -19,6 +19,7 @@ another one.
 
 from __future__ import annotations
 
+import inspect
 import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -121,9 +122,22 @@ class _MediaTextDataset(Dataset):
         if feature_lookup is None and media_loader is None:
             media_loader = default_media_loader(modality, self.task)
         self.media_loader = media_loader
+        try:
+            self._loader_takes_generator = "generator" in inspect.signature(media_loader).parameters
+        except (TypeError, ValueError):
+            self._loader_takes_generator = False
         self.skipped: list[Any] = []
 
-    def _load_media(self, sample: QASample | CaptionSample) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        return self.get(index)
+
+    def get(self, index: int, generator: torch.Generator | None = None) -> dict[str, Any] | None:
+        """Item ``index`` with every random draw (augmentation, answer choice) taken from ``generator``
+        (the global torch RNG when None). The trainer seeds it by (seed, epoch, index)."""
+        raise NotImplementedError
+
+    def _load_media(self, sample: QASample | CaptionSample,
+                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         if self.feature_lookup is not None:
             try:
                 lookup = self.feature_lookup
@@ -135,6 +149,8 @@ class _MediaTextDataset(Dataset):
             if not isinstance(feats, torch.Tensor):
                 raise MediaError(sample.media_id, f"feature_lookup returned {type(feats).__name__}, not a Tensor")
             return {"features": feats}
+        if self._loader_takes_generator:
+            return {"media": self.media_loader(sample.media_path, self.train, generator=generator)}
         return {"media": self.media_loader(sample.media_path, self.train)}
 
     def _encode(self, prompt: str, target: str | None) -> dict[str, Any]:
@@ -236,7 +252,7 @@ class VQADataset(_MediaTextDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def choose_answer(self, sample: QASample) -> str | None:
+    def choose_answer(self, sample: QASample, generator: torch.Generator | None = None) -> str | None:
         """The training target for this access (random when ``answer_choice == "sample"``)."""
         if not sample.answers:
             return None
@@ -246,22 +262,22 @@ class VQADataset(_MediaTextDataset):
             w = torch.tensor(sample.weights, dtype=torch.float)
             if float(w.sum()) <= 0:
                 return sample.most_common_answer()
-            return sample.answers[int(torch.multinomial(w, 1))]
-        return sample.answers[int(torch.randint(0, len(sample.answers), ()))]
+            return sample.answers[int(torch.multinomial(w, 1, generator=generator))]
+        return sample.answers[int(torch.randint(0, len(sample.answers), (), generator=generator))]
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def get(self, index: int, generator: torch.Generator | None = None) -> dict[str, Any] | None:
         sample = self.samples[index]
 
         def build() -> dict[str, Any]:
             item: dict[str, Any] = {
                 "sample_id": sample.id,
                 "media_id": sample.media_id,
-                **self._load_media(sample),
+                **self._load_media(sample, generator),
                 "question": sample.question,
                 "answers": list(sample.answers),
                 "answer_type": sample.answer_type,
             }
-            answer = self.choose_answer(sample)
+            answer = self.choose_answer(sample, generator)
             prompt = vqa_prompt(sample.question, self.separator, question_mark=self.question_mark)
             item.update(self._encode(prompt, answer))
             if answer is not None:
@@ -337,7 +353,7 @@ class CaptionDataset(_MediaTextDataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def get(self, index: int, generator: torch.Generator | None = None) -> dict[str, Any] | None:
         si, ci = self.index[index]
         sample = self.samples[si]
 
@@ -345,14 +361,14 @@ class CaptionDataset(_MediaTextDataset):
             item: dict[str, Any] = {
                 "sample_id": sample.id,
                 "media_id": sample.media_id,
-                **self._load_media(sample),
+                **self._load_media(sample, generator),
                 "references": list(sample.captions),
             }
             caption = None
             if ci is not None:
                 caption = sample.captions[ci]
             elif sample.captions:
-                k = int(torch.randint(0, len(sample.captions), ())) if self.train else 0
+                k = int(torch.randint(0, len(sample.captions), (), generator=generator)) if self.train else 0
                 caption = sample.captions[k]
             target = None
             if caption is not None:  # after a task prompt, the caption follows a space (release: prompt + " " + t)

@@ -129,7 +129,7 @@ class VideoLoader:
         self.train_transform = ImageTransform(size, mean, std, train=True)
         self.augment = augment
 
-    def __call__(self, path: str | Path, train: bool = False) -> torch.Tensor:
-        frames = read_video_frames(path, self.num_frames, train=train)
+    def __call__(self, path: str | Path, train: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        frames = read_video_frames(path, self.num_frames, train=train, generator=generator)
         t = self.train_transform if (train and self.augment) else self.eval_transform
-        return t(frames)
+        return t(frames, generator=generator)
