@@ -229,8 +229,8 @@ def write_trainer_state(folder: Path, optimizer_state: dict, scheduler_state: di
     for pid, values in optimizer_state["state"].items():
         plain = {}
         for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{pid}.{key}"] = value.detach().contiguous().cpu()
+            if isinstance(value, torch.Tensor):  # pid: an index, or a parameter name (FSDP's full state)
+                tensors[f"optimizer|{pid}|{key}"] = value.detach().contiguous().cpu()
             else:
                 plain[key] = value
         opt_json[str(pid)] = plain
@@ -239,7 +239,7 @@ def write_trainer_state(folder: Path, optimizer_state: dict, scheduler_state: di
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / STATE_TENSORS), metadata={"format": "pt"})
     atomic_write_json(folder / STATE_JSON, state)
     return {"optimizer": {"state": opt_json, "param_groups": groups,
-                          "tensor_keys": sorted(k for k in tensors if k.startswith("optimizer."))},
+                          "tensor_keys": sorted(k for k in tensors if k.startswith("optimizer|"))},
             "scheduler": scheduler_state, "rng": rng}
 
 
@@ -253,12 +253,15 @@ def read_trainer_state(folder: Path, manifest: dict) -> tuple[dict, dict, dict]:
         state = json.loads((folder / STATE_JSON).read_text())
         trainer = manifest["trainer"]
         opt = trainer["optimizer"]
-        per_param: dict[int, dict] = {}
+        def param_id(pid: str) -> int | str:  # JSON keys are strings: indices back to ints
+            return int(pid) if pid.isdigit() else pid
+
+        per_param: dict[int | str, dict] = {}
         for pid, plain in opt["state"].items():
-            per_param[int(pid)] = dict(plain)
+            per_param[param_id(pid)] = dict(plain)
         for key in opt["tensor_keys"]:
-            _, pid, name = key.split(".", 2)
-            per_param.setdefault(int(pid), {})[name] = tensors[key]
+            _, pid, name = key.split("|", 2)
+            per_param.setdefault(param_id(pid), {})[name] = tensors[key]
         groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in opt["param_groups"]]
         for key in ("step", "epoch", "batch"):
             if not isinstance(state.get(key), int) or state[key] < 0:

@@ -109,7 +109,10 @@ def make_loader(dataset: Dataset, *, collate_fn: Callable, num_workers: int, pin
                 batch_sampler: Sampler | None = None, batch_size: int | None = None,
                 prefetch_factor: int = 4, persistent: bool = True) -> DataLoader:
     """The one ``DataLoader`` recipe of training and evaluation (workers, pinning, prefetching)."""
-    kwargs: dict[str, Any] = dict(collate_fn=collate_fn, num_workers=num_workers, pin_memory=pin_memory)
+    # a generator of its own: creating an iterator draws a base seed from it, and drawing it from the
+    # global RNG would make the training's random stream depend on where a run was resumed
+    kwargs: dict[str, Any] = dict(collate_fn=collate_fn, num_workers=num_workers, pin_memory=pin_memory,
+                                  generator=torch.Generator().manual_seed(0))
     if batch_sampler is not None:
         kwargs["batch_sampler"] = batch_sampler
     else:
