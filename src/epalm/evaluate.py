@@ -22,8 +22,12 @@ from .model import EPALM
 
 
 @dataclass
-class GenerationConfig:
-    """Decoding of the paper: greedy (num_beams=1), beam search (3), or sampling."""
+class DecodingConfig:
+    """Decoding of an evaluation: greedy (num_beams=1), beam search (3), or sampling.
+
+    Not transformers' ``GenerationConfig``: these are only the options a recipe's ``eval.generation``
+    section sets; :meth:`kwargs` turns them into ``generate`` keyword arguments.
+    """
 
     max_new_tokens: int = 10
     num_beams: int = 1
@@ -52,7 +56,7 @@ def predict(
     dataset: Dataset,
     collate: Callable[[list], dict],
     tokenizer: Any,
-    generation: GenerationConfig | None = None,
+    generation: DecodingConfig | None = None,
     batch_size: int = 64,
     accelerator: Any = None,
     progress: bool = True,
@@ -60,7 +64,7 @@ def predict(
     """Generate for every sample; rows ``{sample_id, media_id, prediction, ...}`` in dataset order."""
     from tqdm.auto import tqdm
 
-    generation = generation or GenerationConfig()
+    generation = generation or DecodingConfig()
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     indices = list(range(rank, len(dataset), world))
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, collate_fn=collate)

@@ -30,6 +30,7 @@ __all__ = [
     "process_digit_article",
     "vqa_accuracy",
     "vqa_score",
+    "VQA_SCORERS",
     "normalize_exact_match",
     "exact_match_accuracy",
     "CAPTION_METRICS",
@@ -148,25 +149,49 @@ def _gt_answer_strings(value: Any) -> list[str]:
     return answers
 
 
-def vqa_accuracy(prediction: str, gt_answers: Sequence[str] | Sequence[Mapping[str, Any]]) -> float:
+VQA_SCORERS = ("pre-2021", "2021")
+
+
+def vqa_accuracy(prediction: str, gt_answers: Sequence[str] | Sequence[Mapping[str, Any]],
+                 scorer: str = "pre-2021") -> float:
     """VQA accuracy of one prediction, in [0, 1], exactly as the official ``vqaEval.py``.
 
     For each of the N annotators, the prediction scores ``min(1, matches among the other N-1
     answers / 3)``; the result is the mean over the N leave-one-out subsets. With 10 answers:
     1 match -> 0.3, 2 -> 0.6, 3 -> 0.9, 4 or more -> 1.0.
 
-    Faithful quirks: the prediction always gets the full normalisation
-    (:func:`normalize_vqa_answer`), but the ground-truth answers only get
-    :func:`process_punctuation` (no digit/article/contraction step, no strip), and only when the
-    annotators disagree. VQA v2 ground truth is already normalised, so this matters only for
-    hand-made annotations.
+    ``scorer`` picks the version of the official script (GT-Vision-Lab/VQA):
+
+    * ``"pre-2021"`` (default; the eP-ALM release and the papers of its time): the prediction
+      always gets the full normalisation (:func:`normalize_vqa_answer`), the ground-truth answers
+      only :func:`process_punctuation` (no digit/article/contraction step, no strip), and only when
+      the annotators disagree.
+    * ``"2021"`` (the repository since commit a013f00, 2021-03-11, "Fixed processing answers
+      bug"): prediction and answers are stripped of newlines, tabs and outer spaces; when the
+      annotators disagree both get :func:`process_punctuation` + :func:`process_digit_article`;
+      when all answers agree, nothing is normalised (``"Two"`` no longer matches ``"2"``).
+
+    VQA v2 ground truth is already normalised, so the versions differ only on unnormalised
+    predictions of unanimous questions and on hand-made annotations.
     """
+    if scorer not in VQA_SCORERS:
+        raise ValueError(f"scorer must be one of {VQA_SCORERS}, got {scorer!r}")
     if not isinstance(prediction, str):
         raise TypeError(f"prediction must be str, got {type(prediction).__name__}")
     gts = _gt_answer_strings(gt_answers)
-    pred = normalize_vqa_answer(prediction)
-    if len(set(gts)) > 1:
-        gts = [process_punctuation(a) for a in gts]
+    if scorer == "pre-2021":
+        pred = normalize_vqa_answer(prediction)
+        if len(set(gts)) > 1:
+            gts = [process_punctuation(a) for a in gts]
+    else:
+        def clean(text: str) -> str:
+            return text.replace("\n", " ").replace("\t", " ").strip()
+
+        gts = [clean(a) for a in gts]
+        pred = clean(prediction)
+        if len(set(gts)) > 1:
+            gts = [process_digit_article(process_punctuation(a)) for a in gts]
+            pred = process_digit_article(process_punctuation(pred))
     total_matches = sum(a == pred for a in gts)
     accs = []
     for a in gts:  # leave annotator i out: its own answer no longer counts
@@ -198,6 +223,7 @@ def vqa_score(
     *,
     ndigits: int = 2,
     per_question: bool = False,
+    scorer: str = "pre-2021",
 ) -> dict[str, Any]:
     """Official VQA v2 scores, as percentages rounded to ``ndigits`` (like ``VQAEval(n=2)``).
 
@@ -205,6 +231,9 @@ def vqa_score(
     dicts, or the official annotation entry, whose ``answer_type``/``question_type`` are then
     used when the explicit mappings are not given). Like the official ``loadRes``, predictions
     must cover exactly the annotated questions.
+
+    ``scorer``: ``"pre-2021"`` (default, the eP-ALM release) or ``"2021"`` (the official
+    repository today); see :func:`vqa_accuracy`.
 
     Returns ``{"overall", "perAnswerType", "perQuestionType", "n_questions"}`` (+ ``"perQuestion"``
     when ``per_question``); the breakdowns are empty when no types are known.
@@ -223,7 +252,7 @@ def vqa_score(
     by_ans: dict[str, list[float]] = {}
     by_ques: dict[str, list[float]] = {}
     for qid, gt in annotations.items():
-        acc = vqa_accuracy(predictions[qid], gt)
+        acc = vqa_accuracy(predictions[qid], gt, scorer=scorer)
         accs[qid] = acc
         if (atype := type_of(qid, answer_types, "answer_type")) is not None:
             by_ans.setdefault(atype, []).append(acc)

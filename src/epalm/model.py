@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from .config import EPALMConfig
 from .connectors import Connector, DeepPrompt, LayerAdapters, SoftPrompt
@@ -40,9 +41,11 @@ CONFIG_NAME = "epalm_config.json"
 
 
 @dataclass
-class EPALMOutput:
+class EPALMOutput(ModelOutput):
+    """``forward``'s result, a ``transformers`` ``ModelOutput``: ``out.loss``, ``out["loss"]``, ``out[0]``."""
+
     loss: torch.Tensor | None = None  # scalar training objective
-    logits: torch.Tensor | None = None  # (B, T, V) for the text positions only
+    logits: torch.Tensor | None = None  # (B, T, V) for the text positions only ((B, k, V) with logits_to_keep)
     loss_per_sample: torch.Tensor | None = None  # (B,) summed token cross-entropy
     num_label_tokens: torch.Tensor | None = None  # (B,)
 
@@ -278,10 +281,15 @@ class EPALM(nn.Module):
         return_logits: bool = True,
         media: torch.Tensor | None = None,
         text_states: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        last_logits_only: bool = False,
     ) -> EPALMOutput:
         """Next-token loss on ``labels`` (HF convention: aligned with ``input_ids``, -100 ignored).
 
         ``return_logits=False`` skips the LM head except where the loss needs it (training).
+        ``logits_to_keep=k`` (transformers' convention) returns the logits of the last ``k``
+        columns only; ``last_logits_only=True`` those of each row's last attended token
+        (``attention_mask``), ``(B, 1, V)``, so right-padded prompts decode without a loss or hook.
         ``text_states``: ``self.text_states(input_ids, attention_mask)`` computed earlier; the
         frozen layers below the first injected one are then skipped.
         """
@@ -290,27 +298,34 @@ class EPALM(nn.Module):
         state.start_hidden = text_states
         with self.engine.active(state), self._only_upper_layers(text_states is not None):
             out = self.engine.anatomy.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-        hidden = out.last_hidden_state[:, state.prefix_len:].contiguous()  # (B, T, d); contiguous: faster head
-        result = EPALMOutput()
-        if return_logits:
-            result.logits = self.lm_logits(hidden)
+        hidden = out.last_hidden_state[:, state.prefix_len:]  # (B, T, d)
+        logits = None
+        if last_logits_only:
+            text_mask = mask[:, state.prefix_len:]
+            last = (text_mask.long().cumsum(1).argmax(1)).clamp(min=0)  # each row's last attended column
+            logits = self.lm_logits(hidden[torch.arange(hidden.shape[0], device=hidden.device), last][:, None])
+        elif logits_to_keep:
+            logits = self.lm_logits(hidden[:, -int(logits_to_keep):].contiguous())
+        elif return_logits:
+            logits = self.lm_logits(hidden.contiguous())  # contiguous: faster head
+        loss = loss_per_sample = num_label_tokens = None
         if labels is not None:
             target = labels[:, 1:]
             valid = target != -100  # (B, T-1)
-            if result.logits is not None:
-                picked = result.logits[:, :-1][valid]
+            if logits is not None and logits.shape[1] == hidden.shape[1]:
+                picked = logits[:, :-1][valid]
             else:
                 picked = self.lm_logits(hidden[:, :-1][valid])  # head only where the loss needs it
             ce = F.cross_entropy(picked.float(), target[valid], reduction="none")
             rows = valid.nonzero()[:, 0]
-            per_sample = torch.zeros(ids.shape[0], device=ce.device, dtype=ce.dtype).index_add_(0, rows, ce)
-            result.loss_per_sample = per_sample
-            result.num_label_tokens = valid.sum(1)
+            loss_per_sample = torch.zeros(ids.shape[0], device=ce.device, dtype=ce.dtype).index_add_(0, rows, ce)
+            num_label_tokens = valid.sum(1)
             if self.config.loss_reduction == "official":
-                result.loss = per_sample.sum() / ids.shape[0] * 0.1
+                loss = loss_per_sample.sum() / ids.shape[0] * 0.1
             else:
-                result.loss = ce.sum() / valid.sum().clamp(min=1)
-        return result
+                loss = ce.sum() / valid.sum().clamp(min=1)
+        return EPALMOutput(loss=loss, logits=logits, loss_per_sample=loss_per_sample,
+                           num_label_tokens=num_label_tokens)
 
     # ------------------------------------------------------------------ reuse of the lower layers
     def _check_text_states_reusable(self) -> None:

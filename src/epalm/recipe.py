@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from .config import EPALMConfig
-from .evaluate import GenerationConfig
+from .evaluate import DecodingConfig
 from .train import TrainConfig, config_from_dict
 
 QA_METRIC = {"vqa_v2": "vqa", "vqa_v2_standard": "vqa", "gqa": "exact_match", "msrvtt_qa": "exact_match",
@@ -58,7 +58,7 @@ class DataConfig:
 class EvalConfig:
     metric: str | None = None  # None: from the dataset (vqa / exact_match / caption)
     batch_size: int = 64
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    generation: DecodingConfig = field(default_factory=DecodingConfig)
     html_examples: int = 100
     caption_metrics: list[str] | None = None  # None: all (BLEU, METEOR, ROUGE_L, CIDEr, SPICE)
 
@@ -119,10 +119,10 @@ def run_config_from_dict(data: dict, source: str = "config") -> RunConfig:
     ev = data.get("eval", {})
     _check_keys(ev, EvalConfig, f"{source}: eval")
     gen = ev.pop("generation", {})
-    _check_keys(gen, GenerationConfig, f"{source}: eval.generation")
+    _check_keys(gen, DecodingConfig, f"{source}: eval.generation")
     return RunConfig(model=model, data=DataConfig(**data.get("data", {})),
                      train=config_from_dict(data.get("train", {}), source=f"{source}: train"),
-                     eval=EvalConfig(generation=GenerationConfig(**gen), **ev))
+                     eval=EvalConfig(generation=DecodingConfig(**gen), **ev))
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
