@@ -54,6 +54,7 @@ def make_tiny_checkpoint(root: Path) -> Path:
 
     from epalm.config import EPALMConfig
     from epalm.model import EPALM
+    from epalm.processor import EPALMProcessor, MediaConfig
 
     tokenizer = _tiny_tokenizer()
     torch.manual_seed(0)
@@ -69,7 +70,8 @@ def make_tiny_checkpoint(root: Path) -> Path:
     ViTModel(ViTConfig(hidden_size=24, num_hidden_layers=3, num_attention_heads=2, intermediate_size=48,
                        image_size=16, patch_size=8)).save_pretrained(root / "enc")
     config = EPALMConfig(lm=str(root / "lm"), encoder=str(root / "enc"), variant="epalm", num_encoder_layers=2)
-    EPALM.from_config(config).save_pretrained(root / "ckpt")
+    processor = EPALMProcessor(tokenizer, MediaConfig(image_size=16))
+    EPALM.from_config(config).save_pretrained(root / "ckpt", processor=processor)
     return root / "ckpt"
 
 
@@ -99,17 +101,17 @@ def image(tmp_path) -> Path:
 
 # ------------------------------------------------------------------ no browser
 def test_answer_question(loaded, image):
-    model, tokenizer, loader, modality = loaded
-    assert modality == "image"
-    out = demo.answer_question(model, tokenizer, loader, image, QUESTION, num_beams=3, max_new_tokens=6)
+    model, processor = loaded
+    assert demo.modality_of(model, processor) == "image"
+    out = demo.answer_question(model, processor, image, QUESTION, num_beams=3, max_new_tokens=6)
     assert set(out) == {"answer", "seconds"}
     assert isinstance(out["answer"], str) and out["answer"]
     assert isinstance(out["seconds"], float) and out["seconds"] >= 0
-    assert demo.answer_question(model, tokenizer, loader, image, QUESTION, 3, 6)["answer"] == out["answer"]
-    caption = demo.answer_question(model, tokenizer, loader, str(image), "", num_beams=1, max_new_tokens=4)
+    assert demo.answer_question(model, processor, image, QUESTION, 3, 6)["answer"] == out["answer"]
+    caption = demo.answer_question(model, processor, str(image), "", num_beams=1, max_new_tokens=4)
     assert isinstance(caption["answer"], str)
     with pytest.raises(ValueError, match="num_beams"):
-        demo.answer_question(model, tokenizer, loader, image, QUESTION, num_beams=0)
+        demo.answer_question(model, processor, image, QUESTION, num_beams=0)
 
 
 def test_load_checkpoint_errors(tmp_path):
@@ -122,8 +124,8 @@ def test_load_checkpoint_errors(tmp_path):
 def test_handler_shows_errors_and_answers(loaded, image, tmp_path):
     import gradio as gr
 
-    model, tokenizer, loader, _ = loaded
-    handle = demo.make_handler(model, tokenizer, loader, "image")
+    model, processor = loaded
+    handle = demo.make_handler(model, processor, "image")
     with pytest.raises(gr.Error, match="Upload an image first"):
         handle(None, QUESTION, 3, 10)
     broken = tmp_path / "broken.png"
@@ -138,18 +140,18 @@ def test_handler_shows_errors_and_answers(loaded, image, tmp_path):
 def test_build_app_follows_the_modality(loaded):
     import gradio as gr
 
-    model, tokenizer, loader, _ = loaded
+    model, processor = loaded
 
     def kinds(app):
         return {type(b).__name__ for b in app.blocks.values()}
 
-    app = demo.build_app(model, tokenizer, loader)
+    app = demo.build_app(model, processor)
     assert {"Image", "Textbox", "Slider", "Button", "Number"} <= kinds(app)
-    assert "Audio" in kinds(demo.build_app(model, tokenizer, loader, "audio"))
-    assert "Video" in kinds(demo.build_app(model, tokenizer, loader, "video"))
+    assert "Audio" in kinds(demo.build_app(model, processor, "audio"))
+    assert "Video" in kinds(demo.build_app(model, processor, "video"))
     assert app.analytics_enabled is False and os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
     with pytest.raises(ValueError, match="modality"):
-        demo.build_app(model, tokenizer, loader, "smell")
+        demo.build_app(model, processor, "smell")
     kwargs = demo.launch_kwargs()
     assert kwargs["server_name"] == "127.0.0.1" and kwargs["share"] is False
     assert isinstance(kwargs["theme"], gr.themes.Base)

@@ -94,32 +94,29 @@ def test_missing_easy_vqa_package_gives_the_pip_command(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------- tiny parts
-class WordTokenizer:
-    """Whitespace/punctuation tokenizer with a fixed vocabulary: enough for the quickstart's text code."""
+def word_tokenizer():
+    """A word-level transformers tokenizer with a fixed vocabulary (saved with the checkpoint like a real one)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    pad_token_id, bos_token_id, eos_token_id = 1, 2, 3
-
-    def __init__(self):
-        words = ["what", "color", "is", "the", "shape", "in", "image", "there", "a", "?", "</", "a", ">", "yes", "no",
-                 *COLOURS, *SHAPES]
-        self.vocab = {w: i + 4 for i, w in enumerate(dict.fromkeys(words))}
-        self.inverse = {i: w for w, i in self.vocab.items()}
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [self.vocab[w] for w in re.findall(r"</|\w+|[^\w\s]", text)]}
-
-    def batch_decode(self, seqs, skip_special_tokens=True):
-        return [" ".join(self.inverse[int(i)] for i in s if int(i) in self.inverse) for s in seqs]
+    words = ["what", "color", "is", "the", "shape", "in", "image", "there", "a", "?", "</", ">", "yes", "no",
+             *COLOURS, *SHAPES]
+    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3, **{w: i + 4 for i, w in enumerate(dict.fromkeys(words))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Split(Regex(r"</|\w+|[^\w\s]"), "isolated")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
 
 
-def tiny_parts(root):
+def tiny_parts(root=None):
     from conftest import tiny_vit
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from epalm.encoders import wrap_hf_encoder
-    from epalm.quickstart import QuickstartParts
+    from epalm.quickstart import RunParts
 
-    tok = WordTokenizer()
+    tok = word_tokenizer()
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -130,15 +127,15 @@ def tiny_parts(root):
                 p.normal_(0, 0.4)
     lm.config._attn_implementation = "sdpa"
     encoder = wrap_hf_encoder(tiny_vit(image_size=16), num_layers=2)
-    return QuickstartParts(lm=lm.eval(), tokenizer=tok, encoder=encoder, mean=(0.5,) * 3, std=(0.5,) * 3,
-                           train=read_easy_vqa("train", root), test=read_easy_vqa("test", root),
-                           lm_name="tiny-llama", encoder_name="tiny-vit", versions={"test": "1"})
+    # no names: the tiny models exist only here, so the checkpoint saves them (save_base_models)
+    return RunParts(lm=lm.eval(), tokenizer=tok, encoder=encoder, versions={"test": "1"})
 
 
 def tiny_config(tmp_path, **kw):
     from epalm.quickstart import QuickstartConfig
 
-    base = dict(output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), image_size=16,
+    base = dict(output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), root=str(tmp_path / "data"),
+                image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3,
                 num_encoder_layers=2, inject_start=2, inject_end=4, steps=6, batch_size=8, lr=1e-2, bf16="off",
                 device="cpu", threads=1, eval_batch_size=5, max_new_tokens=3, progress=False, num_test=10)
     base.update(kw)

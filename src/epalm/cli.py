@@ -45,11 +45,12 @@ def _predict(args: argparse.Namespace) -> int:
     media_path = args.image or args.video or args.audio
     if not Path(media_path).is_file():
         raise FileNotFoundError(f"{media_path}: no such file")
-    model, tokenizer, loader, modality = load_checkpoint(args.checkpoint, image_size=args.image_size)
+    model, processor = load_checkpoint(args.checkpoint, image_size=args.image_size)
+    modality = processor.media.modality
     given = "image" if args.image else "video" if args.video else "audio"
     if given != modality:
-        raise ValueError(f"{args.checkpoint} reads {modality} (its encoder), but --{given} was given")
-    print(json.dumps(answer_question(model, tokenizer, loader, media_path, args.prompt, args.num_beams,
+        raise ValueError(f"{args.checkpoint} reads {modality} (its processor), but --{given} was given")
+    print(json.dumps(answer_question(model, processor, media_path, args.prompt, args.num_beams,
                                      args.max_new_tokens)))
     return 0
 
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--audio")
     p.add_argument("--prompt", default="", help="the question (empty: caption)")
     p.add_argument("--image-size", type=int, default=None,
-                   help="default: the training run's data.image_size, else the encoder's input size")
+                   help="override the image size of the processor saved with the checkpoint")
     p.add_argument("--num-beams", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=10)
     p.set_defaults(func=_predict)

@@ -32,7 +32,9 @@ __all__ = [
     "vqa_score",
     "VQA_SCORERS",
     "normalize_exact_match",
+    "exact_match",
     "exact_match_accuracy",
+    "grouped_exact_match",
     "CAPTION_METRICS",
     "caption_scores",
     "JavaNotFoundError",
@@ -289,14 +291,38 @@ def normalize_exact_match(answer: str) -> str:
     return " ".join(answer.lower().split()).rstrip(_TRAILING_PUNCT).strip()
 
 
+def exact_match(prediction: str, answers: str | Sequence[str]) -> bool:
+    """Whether ``prediction`` equals one of ``answers`` after :func:`normalize_exact_match`."""
+    accepted = [answers] if isinstance(answers, str) else list(answers)
+    norm = normalize_exact_match(prediction)
+    return any(norm == normalize_exact_match(a) for a in accepted)
+
+
+def grouped_exact_match(preds: Sequence[str], gts: Sequence[str | Sequence[str]],
+                        groups: Sequence[Hashable] | None = None) -> dict[str, Any]:
+    """Exact-match accuracy as a fraction (0-1), overall and per group (any sample attribute:
+    answer type, class, template...): ``{"accuracy": float, "groups": {group: float}}``."""
+    if len(preds) != len(gts) or (groups is not None and len(groups) != len(preds)):
+        raise ValueError(f"{len(preds)} predictions, {len(gts)} ground truths"
+                         + (f", {len(groups)} groups" if groups is not None else ""))
+    if not preds:
+        raise ValueError("nothing to evaluate")
+    hits = [exact_match(p, g) for p, g in zip(preds, gts)]
+    by: dict[Hashable, list[bool]] = {}
+    for g, h in zip(groups or [], hits):
+        if g is not None:
+            by.setdefault(g, []).append(h)
+    return {"accuracy": sum(hits) / len(hits),
+            "groups": {g: sum(v) / len(v) for g, v in sorted(by.items(), key=lambda kv: str(kv[0]))}}
+
+
 def exact_match_accuracy(
     preds: Mapping[Hashable, str] | Sequence[str],
     gts: Mapping[Hashable, str | Sequence[str]] | Sequence[str | Sequence[str]],
 ) -> float:
     """Percentage (0-100) of predictions equal to the ground truth after
-    :func:`normalize_exact_match`. A ground truth may be a list of acceptable answers.
-
-    Mappings must have the same keys; sequences the same length.
+    :func:`normalize_exact_match` (:func:`exact_match`). A ground truth may be a list of
+    acceptable answers. Mappings must have the same keys; sequences the same length.
     """
     if isinstance(preds, Mapping) != isinstance(gts, Mapping):
         raise TypeError("preds and gts must both be mappings or both be sequences")
@@ -311,12 +337,7 @@ def exact_match_accuracy(
         pairs = list(zip(preds, gts))
     if not pairs:
         raise ValueError("nothing to evaluate")
-    correct = 0
-    for pred, gt in pairs:
-        accepted = [gt] if isinstance(gt, str) else list(gt)
-        norm = normalize_exact_match(pred)
-        correct += any(norm == normalize_exact_match(a) for a in accepted)
-    return 100.0 * correct / len(pairs)
+    return 100.0 * sum(exact_match(p, g) for p, g in pairs) / len(pairs)
 
 
 # ---------------------------------------------------------------------------------------------

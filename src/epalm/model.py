@@ -12,6 +12,7 @@ the LM, like PEFT adapters.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import os
@@ -111,31 +112,40 @@ class EPALM(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, config: EPALMConfig, device: str | torch.device | None = None) -> "EPALM":
-        """Load the frozen encoder and LM named by ``config`` and build fresh trainable parts."""
-        from transformers import AutoModelForCausalLM
+    def from_config(cls, config: EPALMConfig, device: str | torch.device | None = None, *,
+                    lm: nn.Module | None = None, encoder: nn.Module | None = None,
+                    base_dir: str | os.PathLike | None = None) -> "EPALM":
+        """Load the frozen encoder and LM named by ``config`` and build fresh trainable parts.
 
-        from .encoders import load_encoder
+        Names (see :func:`resolve_name`): a hub id, a registry weight (``weights:<name>``, converted
+        on first use) or a path (``./x`` / ``../x`` relative to ``base_dir``, the checkpoint).
+        ``lm`` / ``encoder``: models already loaded, used instead of the ones the config names.
+        """
+        if lm is None:
+            lm = load_lm(config, base_dir)
+        if encoder is None:
+            from .encoders import load_encoder
 
-        lm_kwargs = dict(config.lm_kwargs)
-        lm_kwargs.setdefault("attn_implementation", "sdpa")
-        for key in ("dtype", "torch_dtype"):
-            if isinstance(lm_kwargs.get(key), str):
-                lm_kwargs[key] = getattr(torch, lm_kwargs[key])
-        lm = AutoModelForCausalLM.from_pretrained(config.lm, **lm_kwargs)
-        encoder = load_encoder(config.encoder, num_layers=config.num_encoder_layers, **config.encoder_kwargs)
+            encoder = load_encoder(resolve_name(config.encoder, base_dir), num_layers=config.num_encoder_layers,
+                                   **config.encoder_kwargs)
         model = cls(lm, encoder, config)
         return model.to(device) if device is not None else model
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None, *,
+                        lm: nn.Module | None = None, encoder: nn.Module | None = None,
                         **config_overrides) -> "EPALM":
-        """Rebuild the encoder + LM from the saved config and load the trainable weights."""
+        """Rebuild the encoder + LM from the saved config and load the trainable weights.
+
+        Like PEFT's ``PeftModel.from_pretrained(base, path)``, ``lm`` / ``encoder`` may be models
+        already loaded; otherwise they are loaded from the names in ``epalm_config.json``
+        (relative paths resolve against ``path``, so the folder can be moved or copied).
+        """
         path = Path(path)
         config = EPALMConfig.load(path / CONFIG_NAME)
         if config_overrides:
             config = EPALMConfig.from_dict({**config.to_dict(), **config_overrides})
-        model = cls.from_config(config, device=device)
+        model = cls.from_config(config, device=device, lm=lm, encoder=encoder, base_dir=path)
         model.load_trainable(path / WEIGHTS_NAME)
         return model
 
@@ -157,16 +167,40 @@ class EPALM(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"trainable": trainable, "total": total, "trainable_percent": 100.0 * trainable / max(total, 1)}
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write ``epalm_config.json`` and the trainable weights (safetensors), each atomically."""
+    def save_pretrained(self, path: str | os.PathLike, processor=None, save_base_models: bool = False,
+                        encoder: nn.Module | None = None) -> None:
+        """Write ``epalm_config.json`` and the trainable weights (safetensors), each atomically.
+
+        The config names the LM and encoder portably (:func:`portable_name`): hub ids and registry
+        names as they are, local paths relative to ``path``, never an absolute path.
+        ``processor`` (an :class:`epalm.processor.EPALMProcessor`; default ``self.processor``, which
+        ``epalm train`` sets, so the Trainer's checkpoints carry it too) is saved alongside, so that
+        inference preprocesses media exactly as training did. ``save_base_models=True`` also writes
+        the frozen LM (``lm/``) and encoder (``encoder/``) into the folder (models that exist only
+        in memory, e.g. the tiny random ones of ``epalm tiny-demo``); ``encoder``: the frozen
+        encoder to save when this model runs on cached features (``self.encoder`` is None).
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        config = dataclasses.replace(self.config, lm_kwargs=dict(self.config.lm_kwargs),
+                                     encoder_kwargs=dict(self.config.encoder_kwargs))
+        if save_base_models:
+            self.lm.save_pretrained(path / "lm")
+            config.lm = "./lm"
+            encoder = encoder if encoder is not None else self.encoder
+            if encoder is not None:
+                config.encoder = _save_encoder(encoder, path / "encoder")
+        config.lm = portable_name(config.lm, path)
+        config.encoder = portable_name(config.encoder, path)
         tensors = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
         _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        text = json.dumps(self.config.to_dict(), indent=2)
+        text = json.dumps(config.to_dict(), indent=2)
         _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        processor = processor if processor is not None else getattr(self, "processor", None)
+        if processor is not None:
+            processor.save_pretrained(path)
 
     def load_trainable(self, source: str | os.PathLike | dict[str, torch.Tensor]) -> None:
         """Load trainable weights; any missing, unexpected or mis-shaped tensor is an error naming it."""
@@ -409,6 +443,90 @@ class EPALM(nn.Module):
         with self.engine.active(state):
             out = self.lm.generate(input_ids=ids, attention_mask=mask, **generate_kwargs)
         return out[:, ids.shape[1]:]
+
+
+# ---------------------------------------------------------------------- portable names
+_NAME_PREFIXES = ("framewise:", "whisper-clip:")
+_CACHED_REGISTRY = {  # folder in $EPALM_CACHE -> registry name (checkpoints written before registry names)
+    "smollm2-135m-instruct": "weights:smollm2-135m-instruct",
+    "gemma3-270m": "weights:gemma3-270m",
+    "dinov2-small-imgfocus": "weights:dinov2-small",
+    "whisper-base-ct2": "weights:whisper-base",
+}
+
+
+def _split_prefix(name: str) -> tuple[str, str]:
+    for prefix in _NAME_PREFIXES:
+        if name.startswith(prefix):
+            inner_prefix, inner = _split_prefix(name[len(prefix):])
+            return prefix + inner_prefix, inner
+    return "", name
+
+
+def resolve_name(name: str, base_dir: str | os.PathLike | None = None) -> str:
+    """What loads a config name: ``./x`` / ``../x`` become ``base_dir/x``; other names are unchanged."""
+    prefix, inner = _split_prefix(name)
+    if inner.startswith(("./", "../")) and base_dir is not None:
+        inner = str((Path(base_dir) / inner).resolve())
+    return prefix + inner
+
+
+def portable_name(name: str, checkpoint: str | os.PathLike) -> str:
+    """The name ``epalm_config.json`` records: a hub id or registry name as it is, a converted
+    registry weight's cache folder as its registry name, any other local path relative to ``checkpoint``."""
+    prefix, inner = _split_prefix(name)
+    if not Path(inner).is_absolute():
+        return name
+    from .weights.cache import cache_dir
+
+    target = Path(inner).resolve()
+    try:
+        target.relative_to(cache_dir().resolve())
+        in_cache = True
+    except ValueError:
+        in_cache = False
+    if in_cache:
+        if target.name in _CACHED_REGISTRY:
+            return prefix + _CACHED_REGISTRY[target.name]
+        raise ValueError(f"{name}: a folder of the epalm cache is not portable; name the model by its hub id or "
+                         f"registry name (weights:...), or save it with save_pretrained(..., save_base_models=True)")
+    rel = os.path.relpath(target, Path(checkpoint).resolve())
+    return prefix + (rel if rel.startswith("..") else f"./{rel}")
+
+
+def load_lm(config: EPALMConfig, base_dir: str | os.PathLike | None = None) -> nn.Module:
+    """The frozen causal LM a config names (hub id, ``weights:<name>`` or a path)."""
+    from .weights.registry import is_registry_name, load_registry_lm
+
+    lm_kwargs = dict(config.lm_kwargs)
+    for key in ("dtype", "torch_dtype"):
+        if isinstance(lm_kwargs.get(key), str):
+            lm_kwargs[key] = getattr(torch, lm_kwargs[key])
+    if is_registry_name(config.lm):
+        dtype = lm_kwargs.get("dtype", lm_kwargs.get("torch_dtype"))
+        lm, _ = load_registry_lm(config.lm, **({"dtype": dtype} if dtype is not None else {}))
+        lm.config._attn_implementation = lm_kwargs.get("attn_implementation", "sdpa")
+        return lm
+    from transformers import AutoModelForCausalLM
+
+    lm_kwargs.setdefault("attn_implementation", "sdpa")
+    return AutoModelForCausalLM.from_pretrained(resolve_name(config.lm, base_dir), **lm_kwargs)
+
+
+def _save_encoder(encoder: nn.Module, folder: Path) -> str:
+    """Save a frozen encoder's backbone (transformers models) and return the name that reloads it."""
+    from .encoders import FrameWiseEncoder, WhisperClipEncoder
+
+    prefix = ""
+    if isinstance(encoder, FrameWiseEncoder):
+        prefix, encoder = "framewise:", encoder.image_encoder
+    if isinstance(encoder, WhisperClipEncoder):
+        prefix += "whisper-clip:"
+    backbone = getattr(encoder, "model", None)
+    if not hasattr(backbone, "save_pretrained"):
+        raise ValueError(f"cannot save a {type(backbone).__name__} encoder backbone; name it by its hub id instead")
+    backbone.save_pretrained(folder)
+    return prefix + "./" + folder.name
 
 
 def _atomic_write(path: Path, write) -> None:

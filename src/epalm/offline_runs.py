@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .encoders import Encoder, _whisper_call, wrap_hf_encoder
+from .encoders import WhisperClipEncoder, wrap_hf_encoder
 
 __all__ = [
     "WhisperClipEncoder",
@@ -72,62 +72,6 @@ Log = Callable[[str], None]
 
 
 # ------------------------------------------------------------------------------------------ encoders
-class WhisperClipEncoder(Encoder):
-    """Whisper's encoder on the first ``context_frames`` mel frames; each layer mean-pooled.
-
-    ``context_frames < 3000`` truncates the encoder's (sinusoidal) position table **in place**.
-    ``pooling="audio"`` averages only the positions whose mel frames rise above the clip's floor
-    (the value the feature extractor gives to zero padding); ``"all"`` averages every position.
-    """
-
-    def __init__(self, whisper: nn.Module, num_layers: int = 6, context_frames: int = 3000,
-                 pooling: str = "audio") -> None:
-        if pooling not in ("audio", "all"):
-            raise ValueError(f"pooling must be 'audio' or 'all', got {pooling!r}")
-        enc = whisper.get_encoder() if hasattr(whisper, "get_encoder") else whisper
-        full = enc.config.max_source_positions * 2
-        if context_frames % 2 or not 2 <= context_frames <= full:
-            raise ValueError(f"context_frames must be even and in [2, {full}], got {context_frames}")
-        positions = context_frames // 2
-        if positions < enc.config.max_source_positions:
-            table = enc.embed_positions.weight.data[:positions].clone()
-            enc.embed_positions = nn.Embedding(positions, table.shape[1]).requires_grad_(False)
-            enc.embed_positions.weight.data.copy_(table)
-            enc.config.max_source_positions = positions
-        num_layers = min(num_layers, enc.config.encoder_layers)
-        super().__init__(enc, num_layers=num_layers, pooling="mean", call=_whisper_call, modality="audio",
-                         hidden_size=enc.config.d_model, image_size=None)
-        self.context_frames = context_frames
-        self.audio_pooling = pooling
-        self._mask: torch.Tensor | None = None
-
-    @staticmethod
-    def audio_positions(mel: torch.Tensor) -> torch.Tensor:
-        """``(B, frames/2)`` bool: encoder positions (2 mel frames each) holding audio."""
-        floor = mel.amin(dim=(1, 2), keepdim=True)
-        frames = (mel > floor + 1e-4).any(dim=1)
-        pos = frames.view(mel.shape[0], -1, 2).any(-1)
-        pos[:, 0] |= ~pos.any(1)  # a silent clip still pools one position
-        return pos
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, all_tokens: bool = False) -> torch.Tensor:
-        if x.ndim != 3 or x.shape[-1] != self.context_frames:
-            raise ValueError(f"expected log-mels (batch, mel bins, {self.context_frames}), got {tuple(x.shape)}")
-        self._mask = self.audio_positions(x) if self.audio_pooling == "audio" else None
-        try:
-            return super().forward(x, all_tokens=all_tokens)
-        finally:
-            self._mask = None
-
-    def _pool(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.final_norm(h)
-        if self._mask is None:
-            return h.mean(dim=1)
-        m = self._mask.to(h.dtype).unsqueeze(-1)
-        return (h * m).sum(1) / m.sum(1)
-
-
 def _default_whisper():
     from .weights import load_whisper_base
 

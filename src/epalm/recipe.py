@@ -24,10 +24,13 @@ from .config import EPALMConfig
 from .evaluate import DecodingConfig
 from .train import TrainConfig, config_from_dict
 
-QA_METRIC = {"vqa_v2": "vqa", "vqa_v2_standard": "vqa", "gqa": "exact_match", "msrvtt_qa": "exact_match",
-             "msvd_qa": "exact_match"}
-CAPTION_DATASETS = {"coco", "msrvtt_caption", "audiocaps"}
-MODALITY = {"msrvtt_qa": "video", "msvd_qa": "video", "msrvtt_caption": "video", "audiocaps": "audio"}
+from .data.registry import DATASETS, get_dataset
+
+
+def __getattr__(name: str):  # derived from the dataset registry (epalm.data.registry), never a second copy
+    if name == "CAPTION_DATASETS":
+        return {n for n, spec in DATASETS.items() if spec.task == "caption"}
+    raise AttributeError(name)
 
 
 @dataclass
@@ -72,13 +75,12 @@ class RunConfig:
 
     @property
     def task(self) -> str:
-        return "caption" if self.data.dataset in CAPTION_DATASETS else "qa"
+        return get_dataset(self.data.dataset).task
 
     def metric_kind(self) -> str:
         if self.eval.metric:
             return self.eval.metric
-        name = self.data.eval_dataset or self.data.dataset
-        return "caption" if name in CAPTION_DATASETS else QA_METRIC.get(name, "exact_match")
+        return get_dataset(self.data.eval_dataset or self.data.dataset).metric
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -156,27 +158,30 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
 
 
 # ------------------------------------------------------------------ building blocks
-def media_loader(cfg: RunConfig, for_cache: bool = False, dataset: str | None = None):
-    """The media loader of ``dataset``'s modality (no augmentation when filling a feature cache)."""
-    from .data import AudioLoader, ImageLoader, VideoLoader
+def processor_for(cfg: RunConfig, tokenizer=None, dataset: str | None = None):
+    """The recipe's :class:`~epalm.processor.EPALMProcessor` for ``dataset`` (default the training one):
+    the registry's default preprocessing of the dataset, overridden by the ``data`` section."""
     from .data.image import RELEASE_MEAN, RELEASE_STD
+    from .processor import EPALMProcessor, MediaConfig
 
-    dataset = dataset or cfg.data.dataset
-    modality = MODALITY.get(dataset, "image")
-    mean, std = cfg.data.mean or RELEASE_MEAN, cfg.data.std or RELEASE_STD
-    augment = cfg.data.augment and not for_cache
-    if modality == "image":
-        return ImageLoader(cfg.data.image_size, mean, std, augment=augment)
-    if modality == "video":
-        frames = cfg.data.num_frames or (16 if dataset in CAPTION_DATASETS else 8)
-        return VideoLoader(num_frames=frames, size=cfg.data.image_size, mean=mean, std=std, augment=augment)
-    return AudioLoader(cfg.data.audio_features, augment=augment)
+    d = cfg.data
+    spec = get_dataset(dataset or d.dataset)
+    media = {"image_size": d.image_size, "audio_features": d.audio_features, **spec.preprocessing}
+    media["image_size"] = d.image_size  # the data section's size wins (224 by default, as the paper)
+    media["mean"] = list(d.mean or spec.preprocessing.get("mean") or RELEASE_MEAN)
+    media["std"] = list(d.std or spec.preprocessing.get("std") or RELEASE_STD)
+    if d.num_frames is not None:
+        media["num_frames"] = d.num_frames
+    return EPALMProcessor(tokenizer, MediaConfig(modality=spec.modality, **media))
+
+
+def media_loader(cfg: RunConfig, for_cache: bool = False, dataset: str | None = None):
+    """The media loader of ``dataset``'s processor (no augmentation when filling a feature cache)."""
+    return processor_for(cfg, dataset=dataset).media_loader(augment=cfg.data.augment and not for_cache)
 
 
 def preprocessing_fingerprint(cfg: RunConfig) -> dict[str, Any]:
-    d = cfg.data
-    return {"modality": MODALITY.get(d.dataset, "image"), "image_size": d.image_size, "mean": d.mean,
-            "std": d.std, "num_frames": d.num_frames, "audio_features": d.audio_features}
+    return processor_for(cfg).fingerprint()
 
 
 def build_datasets(cfg: RunConfig, tokenizer, feature_lookup=None):
@@ -185,13 +190,15 @@ def build_datasets(cfg: RunConfig, tokenizer, feature_lookup=None):
 
     d = cfg.data
     cls = CaptionDataset if cfg.task == "caption" else VQADataset
+    spec = get_dataset(d.dataset)
+    root = None if (d.root == DataConfig.root and spec.default_root) else d.root  # "data": the default layout
     common = dict(on_error=d.on_error, loss_on=d.loss_on, feature_lookup=feature_lookup)
     loader = None if feature_lookup is not None else media_loader(cfg)
-    train = cls(load_samples(d.dataset, d.root, d.train_split), tokenizer, split=d.train_split, train=True,
+    train = cls(load_samples(d.dataset, root, d.train_split), tokenizer, split=d.train_split, train=True,
                 media_loader=loader, fraction=d.fraction, num_samples=d.num_samples, seed=d.seed, **common)
     eval_name = d.eval_dataset or d.dataset
-    eval_cls = CaptionDataset if eval_name in CAPTION_DATASETS else VQADataset
-    eval_samples = load_samples(eval_name, d.eval_root or d.root, d.eval_split)
+    eval_cls = CaptionDataset if get_dataset(eval_name).task == "caption" else VQADataset
+    eval_samples = load_samples(eval_name, d.eval_root or root, d.eval_split)
     eval_loader = None if feature_lookup is not None else media_loader(cfg, dataset=eval_name)
     evaluation = eval_cls(eval_samples, tokenizer, split=d.eval_split, train=False, media_loader=eval_loader,
                           num_samples=d.max_eval_samples, seed=d.seed, **common)
@@ -199,12 +206,16 @@ def build_datasets(cfg: RunConfig, tokenizer, feature_lookup=None):
 
 
 def load_tokenizer(cfg: RunConfig):
-    from transformers import AutoTokenizer
+    from .model import resolve_name
+    from .processor import load_tokenizer as load
+    from .weights.registry import is_registry_name, load_registry_lm
 
-    tok = AutoTokenizer.from_pretrained(cfg.model.lm)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    if is_registry_name(cfg.model.lm):
+        _, tok = load_registry_lm(cfg.model.lm)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        return tok
+    return load(resolve_name(cfg.model.lm))
 
 
 def build_feature_cache(cfg: RunConfig, encoder, datasets, progress: bool = True):
@@ -245,6 +256,7 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> di
     set_seed(cfg.train.seed)  # the connectors' initialisation must not depend on what ran before
     tokenizer = load_tokenizer(cfg)
     model = EPALM.from_config(cfg.model)
+    model.processor = processor_for(cfg, tokenizer)  # saved with every checkpoint (best/, checkpoint/)
     lookup = None
     if cfg.data.feature_cache and not cfg.data.augment:
         train_plain, eval_plain = build_datasets(cfg, tokenizer)

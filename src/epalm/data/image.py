@@ -53,6 +53,35 @@ def load_image(path: str | Path) -> Image.Image:
         raise MediaError(path, f"unreadable image ({type(e).__name__}: {e})") from e
 
 
+def load_image_on_white(path: str | Path) -> Image.Image:
+    """Decode an image as RGB with its transparent pixels made white (e.g. Tux Paint stamps)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(path, "file not found")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgba = img.convert("RGBA")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise MediaError(path, f"unreadable image ({type(e).__name__}: {e})") from e
+    canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    canvas.alpha_composite(rgba)
+    return canvas.convert("RGB")
+
+
+def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Centre ``img`` on a square canvas of its longer side (aspect ratio kept)."""
+    side = max(img.size)
+    if img.size == (side, side):
+        return img
+    square = Image.new("RGB", (side, side), fill)
+    square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    return square
+
+
+RESIZE_RULES = ("bicubic", "pad-square")
+
+
 def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """PIL RGB -> float tensor (3, H, W) in [0, 1], then ``(x - mean) / std`` per channel."""
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
@@ -168,7 +197,8 @@ class RandAugment:
 
 
 class ImageTransform:
-    """Eval: bicubic resize to ``size`` x ``size``. Train (the release's recipe): random resized
+    """Eval: bicubic resize to ``size`` x ``size`` (``resize="pad-square"``: after padding the image
+    to a white square, keeping its aspect ratio). Train (the release's recipe): random resized
     crop (scale 0.5-1), horizontal flip, RandAugment(2, 7). Both end with the encoder's mean/std.
 
     ``__call__`` takes one PIL image, or a list of frames that then share one draw of the random
@@ -185,7 +215,11 @@ class ImageTransform:
         crop_scale: tuple[float, float] = (0.5, 1.0),
         hflip: bool = True,
         randaugment: RandAugment | None = None,
+        resize: str = "bicubic",
     ) -> None:
+        if resize not in RESIZE_RULES:
+            raise ValueError(f"resize must be one of {RESIZE_RULES}, got {resize!r}")
+        self.resize = resize
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.mean, self.std, self.train = tuple(mean), tuple(std), train
         self.crop_scale, self.hflip = crop_scale, hflip
@@ -197,6 +231,8 @@ class ImageTransform:
         frames = [image] if isinstance(image, Image.Image) else list(image)
         if not frames:
             raise ValueError("ImageTransform got no image")
+        if self.resize == "pad-square":  # white square around the image, then the same resize
+            frames = [pad_to_square(f) for f in frames]
         w_h = self.size[1], self.size[0]  # PIL wants (width, height)
         if self.train:
             box = random_resized_crop_params(*frames[0].size, scale=self.crop_scale, generator=generator)
@@ -217,7 +253,10 @@ class ImageTransform:
 
 
 class ImageLoader:
-    """Media loader for images: ``loader(path, train) -> (3, size, size)`` float tensor."""
+    """Media loader for images: ``loader(path, train) -> (3, size, size)`` float tensor.
+
+    ``background="white"`` composites transparent pixels on white before anything else.
+    """
 
     modality = "image"
 
@@ -228,12 +267,17 @@ class ImageLoader:
         std: Sequence[float] = RELEASE_STD,
         *,
         augment: bool = True,
+        resize: str = "bicubic",
+        background: str | None = None,
     ) -> None:
-        self.eval_transform = ImageTransform(size, mean, std, train=False)
-        self.train_transform = ImageTransform(size, mean, std, train=True)
+        if background not in (None, "white"):
+            raise ValueError(f"background must be None or 'white', got {background!r}")
+        self.eval_transform = ImageTransform(size, mean, std, train=False, resize=resize)
+        self.train_transform = ImageTransform(size, mean, std, train=True, resize=resize)
         self.augment = augment
+        self.background = background
 
     def __call__(self, path: str | Path, train: bool = False) -> torch.Tensor:
-        img = load_image(path)
+        img = load_image_on_white(path) if self.background == "white" else load_image(path)
         t = self.train_transform if (train and self.augment) else self.eval_transform
         return t(img)
