@@ -210,13 +210,17 @@ def _wait_for_server(url: str, proc: subprocess.Popen, log: Path, timeout: float
 @pytest.fixture
 def demo_server(tiny_ckpt, tmp_path):
     """``epalm demo CKPT --port P`` in a subprocess, as a user runs it; yields its URL."""
+    yield from _serve(tiny_ckpt, tmp_path)
+
+
+def _serve(checkpoint: Path, tmp_path: Path):
     port = _free_port()
     log = tmp_path / "server.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}  # uploads land here, not in /tmp/gradio
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "epalm.cli", "demo", str(tiny_ckpt), "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "epalm.cli", "demo", str(checkpoint), "--port", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -300,3 +304,50 @@ def test_browser_upload_ask_and_see_the_answer(demo_server, browser, tmp_path, r
     outside = sorted(u for u in _requested_urls(browser)
                      if urlparse(u).scheme in ("http", "https", "ws", "wss") and urlparse(u).netloc != host)
     assert not outside, f"the page made requests off localhost: {outside}"
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory) -> Path:
+    """A quickstart-style run on the tiny models: ``RUN/model`` (weights + processor) and the
+    ``RUN/predictions.json`` its own evaluation wrote (``epalm quickstart``'s exact code path)."""
+    from test_quickstart import tiny_config, tiny_parts, write_easy_vqa
+
+    from epalm.quickstart import run_quickstart
+
+    tmp = tmp_path_factory.mktemp("quickstart_run")
+    parts = tiny_parts(write_easy_vqa(tmp / "data"))
+    run_quickstart(tiny_config(tmp, steps=30, num_test=18, skip_blind=True), parts)
+    return tmp / "run"
+
+
+@needs_chromium
+def test_browser_answers_the_quickstart_test_images_as_its_evaluation(quickstart_run, browser, tmp_path):
+    """``epalm demo RUN/model`` in a real browser gives, for the quickstart's test images and questions,
+    exactly the answers the quickstart's evaluation recorded (default decoding: the run's)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    rows = json.loads((quickstart_run / "predictions.json").read_text())
+    picked = {}
+    for r in rows:  # a few questions with different (non-empty) recorded answers
+        if r["prediction"]:
+            picked.setdefault(r["prediction"], r)
+    picked = list(picked.values())[:3]
+    assert len(picked) >= 2
+    server = _serve(quickstart_run / "model", tmp_path)
+    url = next(server)
+    try:
+        wait = WebDriverWait(browser, 120)
+        for r in picked:
+            browser.get(url)  # a fresh page per question
+            wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#ask"))
+            browser.find_element(By.CSS_SELECTOR, "#media input[type=file]").send_keys(r["media_path"])
+            wait.until(lambda d: any((img.get_attribute("src") or "").startswith(url)
+                                     for img in d.find_elements(By.CSS_SELECTOR, "#media img")))
+            browser.find_element(By.CSS_SELECTOR, "#question textarea, #question input").send_keys(r["question"])
+            browser.find_element(By.CSS_SELECTOR, "#ask").click()
+            answer = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#answer textarea, #answer input")
+                                .get_attribute("value"))
+            assert answer == r["prediction"], (r["question"], r["media_path"])
+    finally:
+        next(server, None)  # stops the server

@@ -251,3 +251,60 @@ def test_real_quickstart_reduced(tmp_path):
     assert metrics["test_questions"] == 200
     assert 0.3 < metrics["accuracy"] <= 1.0 and metrics["blind_accuracy"] is not None
     assert (tmp_path / "run" / "examples.html").is_file() and (tmp_path / "run" / "curves.png").is_file()
+
+
+# ----------------------------------------------------------------------------------- the checkpoint
+def _answers_through_inference(model_dir, rows, max_new_tokens, num_beams=1):
+    """What ``epalm predict`` / the demo answer for each row (greedy unless num_beams > 1)."""
+    from epalm.inference import answer_question, load_checkpoint
+
+    model, processor = load_checkpoint(model_dir, device="cpu")
+    return [answer_question(model, processor, r["media_path"], r.get("question", ""), num_beams=num_beams,
+                            max_new_tokens=max_new_tokens)["answer"] for r in rows]
+
+
+def test_quickstart_checkpoint_is_portable_and_answers_as_its_evaluation(tmp_path):
+    """Copied elsewhere, RUN/model loads with from_pretrained(path) alone (weights, config, processor,
+    tokenizer and the in-memory tiny LM/encoder), and the demo's path gives exactly the evaluation's answers."""
+    import shutil
+
+    from epalm.model import EPALM
+    from epalm.processor import EPALMProcessor
+    from epalm.quickstart import run_quickstart
+
+    parts = tiny_parts(write_easy_vqa(tmp_path / "data"))
+    run_quickstart(tiny_config(tmp_path, steps=30, num_test=18, skip_blind=True), parts)
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(tmp_path / "run" / "model", moved)
+    shutil.rmtree(tmp_path / "run" / "model")
+    config = json.loads((moved / "epalm_config.json").read_text())
+    assert config["lm"] == "./lm" and config["encoder"] == "./encoder"
+    assert str(tmp_path) not in (moved / "epalm_config.json").read_text()  # no absolute path
+    processor = EPALMProcessor.from_pretrained(moved)
+    assert processor.media.image_size == 16 and processor.media.mean == [0.5] * 3
+    assert processor.prompt_text("what color is the shape?") == "what color is the shape?</a>"
+    model = EPALM.from_pretrained(moved)
+    assert model.encoder is not None and model.config.variant == "lin"
+
+    rows = json.loads((tmp_path / "run" / "predictions.json").read_text())
+    assert len({r["prediction"] for r in rows}) > 1  # the trained model does not answer a constant
+    assert _answers_through_inference(moved, rows, max_new_tokens=3) == [r["prediction"] for r in rows]
+
+
+def test_checkpoint_names_are_portable(tmp_path, monkeypatch):
+    from epalm.model import portable_name, resolve_name
+
+    monkeypatch.setenv("EPALM_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "run" / "model"
+    assert portable_name("facebook/opt-2.7b", ckpt) == "facebook/opt-2.7b"
+    assert portable_name("weights:dinov2-small", ckpt) == "weights:dinov2-small"
+    assert portable_name(str(tmp_path / "run" / "model" / "lm"), ckpt) == "./lm"
+    assert portable_name(str(tmp_path / "models" / "vit"), ckpt) == "../../models/vit"
+    assert portable_name("framewise:" + str(tmp_path / "vit"), ckpt) == "framewise:../../vit"
+    # a converted registry weight in the cache is recorded by its registry name, never by its path
+    assert portable_name(str(tmp_path / "cache" / "smollm2-135m-instruct"), ckpt) == "weights:smollm2-135m-instruct"
+    with pytest.raises(ValueError, match="not portable"):
+        portable_name(str(tmp_path / "cache" / "something-else"), ckpt)
+    assert resolve_name("./lm", ckpt) == str((ckpt / "lm").resolve())
+    assert resolve_name("framewise:../vit", ckpt) == "framewise:" + str((ckpt.parent / "vit").resolve())
+    assert resolve_name("gpt2", ckpt) == "gpt2"

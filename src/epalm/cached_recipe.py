@@ -280,7 +280,8 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], features: torch.Tenso
 # ----------------------------------------------------------------------------------- the procedure
 def build_processor(cfg: CachedRunConfig, spec: DatasetSpec, tokenizer) -> EPALMProcessor:
     media = {**spec.preprocessing, **cfg.media}
-    return EPALMProcessor(tokenizer, MediaConfig(modality=spec.modality, **media), PromptTemplate())
+    return EPALMProcessor(tokenizer, MediaConfig(modality=spec.modality, **media), PromptTemplate(),
+                          decoding={"num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens})
 
 
 def _features(cfg: CachedRunConfig, parts: RunParts, processor: EPALMProcessor, media: dict[str, Path],

@@ -190,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="the question (empty: caption)")
     p.add_argument("--image-size", type=int, default=None,
                    help="override the image size of the processor saved with the checkpoint")
-    p.add_argument("--num-beams", type=int, default=3)
-    p.add_argument("--max-new-tokens", type=int, default=10)
+    p.add_argument("--num-beams", type=int, default=None,
+                   help="default: the decoding the checkpoint's run evaluated with, else 3")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: as the run's evaluation, else 10")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("params", help="trainable vs total parameters of a variant (no download)")

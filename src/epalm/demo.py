@@ -19,7 +19,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .inference import MODALITIES, answer_question, load_checkpoint, modality_of  # noqa: F401 (re-exported)
+from .inference import (  # noqa: F401 (re-exported)
+    MODALITIES,
+    answer_question,
+    decoding_defaults,
+    load_checkpoint,
+    modality_of,
+)
 
 _LABEL = {"image": "Image", "video": "Video", "audio": "Audio"}
 MAX_BEAMS, MAX_NEW_TOKENS = 8, 64
@@ -111,9 +117,11 @@ def build_app(model, processor, modality: str | None = None, title: str = "eP-AL
                 question = gr.Textbox(label="Question", placeholder="e.g. what is happening?", lines=1,
                                       elem_id="question")
                 with gr.Accordion("Decoding", open=False):
-                    beams = gr.Slider(1, MAX_BEAMS, value=3, step=1, label="Beams", elem_id="beams")
-                    max_new = gr.Slider(1, MAX_NEW_TOKENS, value=10, step=1, label="Max new tokens",
-                                        elem_id="max-new-tokens")
+                    decoding = decoding_defaults(processor)  # the run's evaluation decoding
+                    beams = gr.Slider(1, MAX_BEAMS, value=decoding["num_beams"], step=1, label="Beams",
+                                      elem_id="beams")
+                    max_new = gr.Slider(1, MAX_NEW_TOKENS, value=decoding["max_new_tokens"], step=1,
+                                        label="Max new tokens", elem_id="max-new-tokens")
                 ask = gr.Button("Ask", variant="primary", elem_id="ask")
             with gr.Column():
                 answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer")

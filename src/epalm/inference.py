@@ -10,7 +10,7 @@ from typing import Any
 
 from .processor import MODALITIES, EPALMProcessor
 
-__all__ = ["MODALITIES", "answer_question", "load_checkpoint", "modality_of"]
+__all__ = ["MODALITIES", "answer_question", "decoding_defaults", "load_checkpoint", "modality_of"]
 
 
 def modality_of(model, processor: EPALMProcessor | None = None) -> str:
@@ -50,14 +50,26 @@ def load_checkpoint(checkpoint: str | os.PathLike, image_size: int | None = None
     return model, processor
 
 
+DEFAULT_DECODING = {"num_beams": 3, "max_new_tokens": 10}
+
+
+def decoding_defaults(processor: EPALMProcessor) -> dict[str, int]:
+    """The decoding the checkpoint's run evaluated with (saved in its processor), else 3 beams / 10 tokens."""
+    return {**DEFAULT_DECODING, **processor.decoding}
+
+
 def answer_question(model, processor: EPALMProcessor, media_path: str | os.PathLike, question: str = "",
-                    num_beams: int = 3, max_new_tokens: int = 10) -> dict[str, Any]:
+                    num_beams: int | None = None, max_new_tokens: int | None = None) -> dict[str, Any]:
     """``{"answer": str, "seconds": float}`` for one media file; an empty question asks for a caption.
 
+    ``num_beams`` / ``max_new_tokens``: default :func:`decoding_defaults` (the run's evaluation).
     ``seconds`` covers decoding the file, the encoder and generation.
     """
     import torch
 
+    defaults = decoding_defaults(processor)
+    num_beams = defaults["num_beams"] if num_beams is None else num_beams
+    max_new_tokens = defaults["max_new_tokens"] if max_new_tokens is None else max_new_tokens
     num_beams, max_new_tokens = int(num_beams), int(max_new_tokens)
     if num_beams < 1 or max_new_tokens < 1:
         raise ValueError(f"num_beams and max_new_tokens must be >= 1, got {num_beams} and {max_new_tokens}")

@@ -6,7 +6,9 @@ Like transformers' ``LlavaProcessor`` / ``AutoProcessor``, one object holds
   transparency background, video frames, audio feature kind and its parameters;
 * the tokenizer;
 * the prompt template (:class:`PromptTemplate`): ``question?</a>`` for QA, a fixed (usually
-  empty) prompt for captions.
+  empty) prompt for captions;
+* the decoding the run evaluated with (``decoding``: beams, new tokens), the defaults of
+  ``epalm predict`` and ``epalm demo``.
 
 ``save_pretrained(folder)`` writes ``epalm_processor.json`` and the tokenizer's files next to the
 weights (``EPALM.save_pretrained(folder, processor=...)`` calls it); ``from_pretrained(folder)``
@@ -111,10 +113,15 @@ class EPALMProcessor:
     """Media preprocessing + tokenizer + prompt template of one model (see the module doc)."""
 
     def __init__(self, tokenizer: Any = None, media: MediaConfig | None = None,
-                 prompt: PromptTemplate | None = None) -> None:
+                 prompt: PromptTemplate | None = None, decoding: dict | None = None) -> None:
         self.tokenizer = tokenizer
         self.media = media or MediaConfig()
         self.prompt = prompt or PromptTemplate()
+        # the decoding the run evaluated with ({"num_beams", "max_new_tokens"}): predict / demo defaults
+        self.decoding = dict(decoding or {})
+        unknown = sorted(set(self.decoding) - {"num_beams", "max_new_tokens"})
+        if unknown:
+            raise ValueError(f"decoding: unknown key(s) {unknown}; valid keys: ['max_new_tokens', 'num_beams']")
         self._loaders: dict[bool, Any] = {}
 
     def __repr__(self) -> str:
@@ -178,17 +185,18 @@ class EPALMProcessor:
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
-        return {"media": dataclasses.asdict(self.media), "prompt": dataclasses.asdict(self.prompt)}
+        return {"media": dataclasses.asdict(self.media), "prompt": dataclasses.asdict(self.prompt),
+                "decoding": dict(self.decoding)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], tokenizer: Any = None, source: str = "processor") -> "EPALMProcessor":
         if not isinstance(data, dict):
             raise ValueError(f"{source}: must be a mapping with 'media' and 'prompt'")
-        unknown = sorted(set(data) - {"media", "prompt"})
+        unknown = sorted(set(data) - {"media", "prompt", "decoding"})
         if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: ['media', 'prompt']")
+            raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: ['decoding', 'media', 'prompt']")
         return cls(tokenizer, _from_dict(MediaConfig, data.get("media"), f"{source}: media"),
-                   _from_dict(PromptTemplate, data.get("prompt"), f"{source}: prompt"))
+                   _from_dict(PromptTemplate, data.get("prompt"), f"{source}: prompt"), data.get("decoding"))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """``epalm_processor.json`` (atomic) and the tokenizer's files into ``path``."""
