@@ -308,3 +308,60 @@ def test_checkpoint_names_are_portable(tmp_path, monkeypatch):
     assert resolve_name("./lm", ckpt) == str((ckpt / "lm").resolve())
     assert resolve_name("framewise:../vit", ckpt) == "framewise:" + str((ckpt.parent / "vit").resolve())
     assert resolve_name("gpt2", ckpt) == "gpt2"
+
+
+# ----------------------------------------------------------------------------------- the recipe as YAML
+def test_quickstart_yaml_is_the_quickstart_recipe():
+    from pathlib import Path
+
+    from epalm.cached_recipe import load_cached_config
+    from epalm.quickstart import QuickstartConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    assert load_cached_config(root / "quickstart_easy_vqa.yaml") == QuickstartConfig().recipe()
+    cfg = load_cached_config(root / "quickstart_easy_vqa.yaml", ["cached.steps=10", "cached.variant=epalm"])
+    assert cfg.steps == 10 and cfg.variant == "epalm"
+    for name in ("quickstart_drumkits.yaml", "quickstart_tuxpaint.yaml"):
+        assert load_cached_config(root / name).dataset in ("drumkits", "tuxpaint")
+    with pytest.raises(ValueError, match="unknown key"):
+        load_cached_config(root / "quickstart_easy_vqa.yaml", ["cached.stepz=3"])
+
+
+def test_epalm_train_runs_a_cached_recipe_yaml(tmp_path, capsys):
+    """`epalm train` on a YAML with a `cached:` section runs the quickstarts' recipe (models named by path)."""
+    from conftest import tiny_vit
+
+    from epalm import cli
+    from epalm.model import EPALM
+
+    write_easy_vqa(tmp_path / "data")
+    parts = tiny_parts()
+    parts.lm.save_pretrained(tmp_path / "models" / "lm")
+    parts.tokenizer.save_pretrained(tmp_path / "models" / "lm")
+    tiny_vit(image_size=16).save_pretrained(tmp_path / "models" / "vit")
+    config = tmp_path / "easy.yaml"
+    config.write_text(f"""cached:
+  dataset: easy_vqa
+  root: {tmp_path / 'data'}
+  output_dir: {tmp_path / 'run'}
+  cache_dir: {tmp_path / 'cache'}
+  lm: {tmp_path / 'models' / 'lm'}
+  encoder: {tmp_path / 'models' / 'vit'}
+  media: {{image_size: 16, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}}
+  num_encoder_layers: 2
+  inject_start: 2
+  inject_end: 4
+  steps: 4
+  batch_size: 8
+  bf16: "off"
+  device: cpu
+  max_new_tokens: 3
+  progress: false
+  blind: false
+""")
+    assert cli.main(["train", str(config), "cached.num_test=5"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["dataset"] == "easy_vqa" and 0 <= out["accuracy"] <= 1
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["test_samples"] == 5 and set(saved["per_answer_type"]) <= {"color", "shape", "yes/no"}
+    assert EPALM.from_pretrained(tmp_path / "run" / "model").encoder is not None

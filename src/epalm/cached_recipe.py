@@ -48,7 +48,7 @@ from .model import EPALM
 from .processor import EPALMProcessor, MediaConfig, PromptTemplate
 
 __all__ = ["CachedRunConfig", "RunParts", "TextStates", "greedy_decode", "load_parts", "run_cached",
-           "resolve_device", "use_bf16", "cached_config_from_dict"]
+           "resolve_device", "use_bf16", "cached_config_from_dict", "is_cached_config", "load_cached_config"]
 
 Log = Callable[[str], None]
 
@@ -118,6 +118,33 @@ def cached_config_from_dict(data: dict, source: str = "cached") -> CachedRunConf
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
     return CachedRunConfig(**data)
+
+
+def is_cached_config(path: str | Path) -> bool:
+    """Whether a YAML file is a cached-features recipe (a top-level ``cached:`` section)."""
+    from .recipe import load_yaml
+
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        data = load_yaml(path.read_text())
+    except Exception:  # the regular loader reports YAML errors with the file name
+        return False
+    return isinstance(data, dict) and "cached" in data
+
+
+def load_cached_config(path: str | Path, overrides: list[str] | None = None) -> CachedRunConfig:
+    """``cached:`` section of a YAML (``cached.key=value`` overrides) -> :class:`CachedRunConfig`."""
+    from .recipe import apply_overrides, load_yaml
+
+    path = Path(path)
+    data = load_yaml(path.read_text()) or {}
+    unknown = sorted(set(data) - {"cached"})
+    if unknown:
+        raise ValueError(f"{path}: a cached-features recipe has only a 'cached' section, found {unknown}")
+    data = apply_overrides(data, overrides or [])
+    return cached_config_from_dict(data.get("cached") or {}, source=f"{path}: cached")
 
 
 @dataclass

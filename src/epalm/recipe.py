@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from .config import EPALMConfig
+from .model import resolve_name
 from .evaluate import DecodingConfig
 from .train import TrainConfig, config_from_dict
 
@@ -95,8 +96,12 @@ _YAMLLoader.add_implicit_resolver(
     list("-+0123456789"))
 
 
-def _load_yaml(text: str):
+def load_yaml(text: str):
+    """YAML with the safe loader (and ``1e-3`` read as a float)."""
     return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+_load_yaml = load_yaml
 
 
 def _check_keys(data: dict, cls: type, where: str) -> None:
@@ -184,8 +189,9 @@ def preprocessing_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     return processor_for(cfg).fingerprint()
 
 
-def build_datasets(cfg: RunConfig, tokenizer, feature_lookup=None):
-    """(train, eval) datasets of the recipe."""
+def build_datasets(cfg: RunConfig, tokenizer, feature_lookup=None, processor=None):
+    """(train, eval) datasets of the recipe. ``processor``: a checkpoint's (``epalm eval``), used for
+    the evaluation media when its modality is the evaluation dataset's."""
     from .data import CaptionDataset, VQADataset, load_samples
 
     d = cfg.data
@@ -199,46 +205,50 @@ def build_datasets(cfg: RunConfig, tokenizer, feature_lookup=None):
     eval_name = d.eval_dataset or d.dataset
     eval_cls = CaptionDataset if get_dataset(eval_name).task == "caption" else VQADataset
     eval_samples = load_samples(eval_name, d.eval_root or root, d.eval_split)
-    eval_loader = None if feature_lookup is not None else media_loader(cfg, dataset=eval_name)
+    eval_loader = None
+    if feature_lookup is None:
+        same = processor is not None and processor.media.modality == get_dataset(eval_name).modality
+        eval_loader = processor.media_loader(augment=False) if same else media_loader(cfg, dataset=eval_name)
     evaluation = eval_cls(eval_samples, tokenizer, split=d.eval_split, train=False, media_loader=eval_loader,
                           num_samples=d.max_eval_samples, seed=d.seed, **common)
     return train, evaluation
 
 
-def load_tokenizer(cfg: RunConfig):
-    from .model import resolve_name
+def load_tokenizer(cfg: RunConfig | EPALMConfig):
+    """The tokenizer of the LM a recipe (or a model config) names."""
     from .processor import load_tokenizer as load
     from .weights.registry import is_registry_name, load_registry_lm
 
-    if is_registry_name(cfg.model.lm):
-        _, tok = load_registry_lm(cfg.model.lm)
+    lm = cfg.model.lm if isinstance(cfg, RunConfig) else cfg.lm
+    if is_registry_name(lm):
+        _, tok = load_registry_lm(lm)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         return tok
-    return load(resolve_name(cfg.model.lm))
+    return load(resolve_name(lm))
 
 
 def build_feature_cache(cfg: RunConfig, encoder, datasets, progress: bool = True):
-    """Fill (or reuse, after checking its fingerprint) the frozen-encoder cache for ``datasets``."""
-    from .feature_cache import FeatureCache, IncompleteCacheError, encoder_fingerprint
+    """Fill (or reuse, after checking its fingerprint) the frozen-encoder cache for ``datasets``.
 
-    path = Path(cfg.data.feature_cache)
+    The one open-or-build policy (:func:`epalm.feature_cache.open_or_build`): a stale cache
+    (other encoder, weights or preprocessing) raises, never reused nor silently replaced.
+    """
+    from .feature_cache import encoder_fingerprint, open_or_build
+
     fingerprint = encoder_fingerprint(encoder, cfg.model.encoder, preprocessing_fingerprint(cfg),
                                       all_tokens=bool(cfg.model.all_patch_tokens))
-    try:
-        return FeatureCache.open(path, fingerprint)  # a stale cache raises StaleCacheError: never reused
-    except (FileNotFoundError, IncompleteCacheError):
-        pass
     names = [cfg.data.dataset, cfg.data.eval_dataset or cfg.data.dataset]  # the (train, eval) datasets
     items = {}
     for k, ds in enumerate(datasets):  # each with the loader of its own modality (zero-shot video eval)
         loader = media_loader(cfg, for_cache=True, dataset=names[min(k, 1)])
         for sample in ds.samples:
             items.setdefault(str(sample.media_id), (sample.media_path, loader))
-    return FeatureCache.build(path, encoder,
-                              ((mid, (lambda p=p, f=f: f(p, False))) for mid, (p, f) in items.items()),
-                              fingerprint, batch_size=cfg.eval.batch_size, dtype=cfg.data.feature_cache_dtype,
-                              progress=progress, resume=True)
+    cache, _ = open_or_build(cfg.data.feature_cache, encoder,
+                             [(mid, (lambda p=p, f=f: f(p, False))) for mid, (p, f) in items.items()],
+                             fingerprint, batch_size=cfg.eval.batch_size, dtype=cfg.data.feature_cache_dtype,
+                             progress=progress)
+    return cache
 
 
 def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -294,9 +304,16 @@ def run_eval(cfg: RunConfig, checkpoint: str | Path, out_dir: str | Path | None 
     from .data import make_collate_fn
     from .model import EPALM
 
+    from .processor import PROCESSOR_NAME, EPALMProcessor
+
     model = EPALM.from_pretrained(checkpoint)
     cfg = dataclasses.replace(cfg, model=model.config)
-    tokenizer = load_tokenizer(cfg)
-    _, eval_ds = build_datasets(cfg, tokenizer)
+    processor = None
+    if (Path(checkpoint) / PROCESSOR_NAME).is_file():  # the preprocessing and tokenizer saved with the weights
+        processor = EPALMProcessor.from_pretrained(checkpoint)
+        tokenizer = processor.tokenizer
+    else:
+        tokenizer = load_tokenizer(dataclasses.replace(cfg.model, lm=resolve_name(cfg.model.lm, checkpoint)))
+    _, eval_ds = build_datasets(cfg, tokenizer, processor=processor)
     out = Path(out_dir or Path(checkpoint) / "eval")
     return evaluate_and_write(cfg, model, eval_ds, make_collate_fn(tokenizer), tokenizer, out, progress)
