@@ -252,6 +252,17 @@ def test_real_quickstart_reduced(tmp_path):
     assert 0.3 < metrics["accuracy"] <= 1.0 and metrics["blind_accuracy"] is not None
     assert (tmp_path / "run" / "examples.html").is_file() and (tmp_path / "run" / "curves.png").is_file()
 
+    # the real checkpoint names its parts by registry name and answers, through the demo's path,
+    # exactly as the run's own evaluation did
+    import shutil
+
+    config = json.loads((tmp_path / "run" / "model" / "epalm_config.json").read_text())
+    assert (config["lm"], config["encoder"]) == ("weights:smollm2-135m-instruct", "weights:dinov2-small")
+    moved = tmp_path / "moved" / "model"
+    shutil.copytree(tmp_path / "run" / "model", moved)
+    rows = json.loads((tmp_path / "run" / "predictions.json").read_text())[:40]
+    assert _answers_through_inference(moved, rows, max_new_tokens=4) == [r["prediction"] for r in rows]
+
 
 # ----------------------------------------------------------------------------------- the checkpoint
 def _answers_through_inference(model_dir, rows, max_new_tokens, num_beams=1):

@@ -40,7 +40,7 @@ import torch
 
 from .config import EPALMConfig
 from .data.registry import DatasetSpec, get_dataset
-from .data.text import build_generation_inputs, encode_example, pad_sequences, pad_token_id_of
+from .data.text import encode_example, pad_sequences, pad_token_id_of
 from .feature_cache import encoder_fingerprint, open_or_build
 from .io import atomic_write_json
 from .metrics import exact_match, grouped_exact_match
