@@ -45,7 +45,7 @@ from .feature_cache import encoder_fingerprint, open_or_build
 from .io import atomic_write_json
 from .metrics import exact_match, grouped_exact_match
 from .model import EPALM
-from .processor import EPALMProcessor, MediaConfig, PromptTemplate
+from .processor import EPALMProcessor, MediaConfig, PromptTemplate, dataclass_from_dict
 
 __all__ = ["CachedRunConfig", "RunParts", "TextStates", "greedy_decode", "load_parts", "run_cached",
            "resolve_device", "use_bf16", "cached_config_from_dict", "is_cached_config", "load_cached_config"]
@@ -111,13 +111,7 @@ class CachedRunConfig:
 
 
 def cached_config_from_dict(data: dict, source: str = "cached") -> CachedRunConfig:
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: must be a mapping of CachedRunConfig fields")
-    names = {f.name for f in dataclasses.fields(CachedRunConfig)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    return CachedRunConfig(**data)
+    return dataclass_from_dict(CachedRunConfig, data, source)
 
 
 def is_cached_config(path: str | Path) -> bool:

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .io import atomic_write_text
+from .metrics import exact_match
 from .model import EPALM
 
 
@@ -163,7 +164,7 @@ def write_examples_html(path: Path, rows: Sequence[dict[str, Any]], media_paths:
     cells = []
     for r in list(rows)[:limit]:
         truth = r.get("answers") or r.get("references") or []
-        ok = r["prediction"].lower() in {str(t).lower() for t in truth}
+        ok = exact_match(r["prediction"], [str(t) for t in truth])
         cells.append(
             f"<tr class={'ok' if ok else 'bad'}><td>{_thumbnail(media_paths.get(r.get('sample_id')))}</td>"
             f"<td>{html.escape(str(r.get('question', '')))}</td><td><b>{html.escape(r['prediction'])}</b></td>"

@@ -31,7 +31,7 @@ from .data.image import RELEASE_MEAN, RELEASE_STD, RESIZE_RULES
 from .data.text import DEFAULT_SEPARATOR, encode_prompt, pad_token_id_of, vqa_prompt
 from .io import atomic_write_json
 
-__all__ = ["PROCESSOR_NAME", "MediaConfig", "PromptTemplate", "EPALMProcessor"]
+__all__ = ["PROCESSOR_NAME", "MediaConfig", "PromptTemplate", "EPALMProcessor", "dataclass_from_dict", "load_tokenizer"]
 
 PROCESSOR_NAME = "epalm_processor.json"
 MODALITIES = ("image", "video", "audio")
@@ -97,7 +97,8 @@ class PromptTemplate:
         return vqa_prompt(question, self.separator, question_mark=self.question_mark)
 
 
-def _from_dict(cls, data: Any, where: str):
+def dataclass_from_dict(cls, data: Any, where: str):
+    """``cls(**data)`` with an error naming ``where`` and the valid keys for a non-mapping or unknown key."""
     if data is None:
         return cls()
     if not isinstance(data, dict):
@@ -195,8 +196,8 @@ class EPALMProcessor:
         unknown = sorted(set(data) - {"media", "prompt", "decoding"})
         if unknown:
             raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: ['decoding', 'media', 'prompt']")
-        return cls(tokenizer, _from_dict(MediaConfig, data.get("media"), f"{source}: media"),
-                   _from_dict(PromptTemplate, data.get("prompt"), f"{source}: prompt"), data.get("decoding"))
+        return cls(tokenizer, dataclass_from_dict(MediaConfig, data.get("media"), f"{source}: media"),
+                   dataclass_from_dict(PromptTemplate, data.get("prompt"), f"{source}: prompt"), data.get("decoding"))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """``epalm_processor.json`` (atomic) and the tokenizer's files into ``path``."""

@@ -40,30 +40,22 @@ _BICUBIC = Image.Resampling.BICUBIC
 _FILL = (128, 128, 128)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode an image fully (truncated files fail here, not later) and convert it to RGB."""
+def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
+    """Decode an image fully (truncated files fail here, not later) and convert it to ``mode`` (RGB)."""
     path = Path(path)
     if not path.is_file():
         raise MediaError(path, "file not found")
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return img.convert(mode)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise MediaError(path, f"unreadable image ({type(e).__name__}: {e})") from e
 
 
 def load_image_on_white(path: str | Path) -> Image.Image:
     """Decode an image as RGB with its transparent pixels made white (e.g. Tux Paint stamps)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MediaError(path, "file not found")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            rgba = img.convert("RGBA")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise MediaError(path, f"unreadable image ({type(e).__name__}: {e})") from e
+    rgba = load_image(path, "RGBA")
     canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     canvas.alpha_composite(rgba)
     return canvas.convert("RGB")
