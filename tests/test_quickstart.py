@@ -328,14 +328,14 @@ def test_quickstart_yaml_is_the_quickstart_recipe():
     from epalm.cached_recipe import load_cached_config
     from epalm.quickstart import QuickstartConfig
 
-    root = Path(__file__).resolve().parents[1] / "configs"
-    assert load_cached_config(root / "quickstart_easy_vqa.yaml") == QuickstartConfig().recipe()
-    cfg = load_cached_config(root / "quickstart_easy_vqa.yaml", ["cached.steps=10", "cached.variant=epalm"])
+    root = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
+    assert load_cached_config(root / "easy_vqa.yaml") == QuickstartConfig().recipe()
+    cfg = load_cached_config(root / "easy_vqa.yaml", ["cached.steps=10", "cached.variant=epalm"])
     assert cfg.steps == 10 and cfg.variant == "epalm"
-    for name in ("quickstart_drumkits.yaml", "quickstart_tuxpaint.yaml"):
+    for name in ("drumkits.yaml", "tuxpaint.yaml"):
         assert load_cached_config(root / name).dataset in ("drumkits", "tuxpaint")
     with pytest.raises(ValueError, match="unknown key"):
-        load_cached_config(root / "quickstart_easy_vqa.yaml", ["cached.stepz=3"])
+        load_cached_config(root / "easy_vqa.yaml", ["cached.stepz=3"])
 
 
 def test_epalm_train_runs_a_cached_recipe_yaml(tmp_path, capsys):

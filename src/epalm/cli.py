@@ -12,7 +12,7 @@ def _train(args: argparse.Namespace) -> int:
     from .cached_recipe import is_cached_config, load_cached_config, run_cached
     from .recipe import load_run_config, run_train
 
-    if is_cached_config(args.config):  # the quickstarts' cached-features recipe (configs/quickstart_*.yaml)
+    if is_cached_config(args.config):  # the quickstarts' cached-features recipe (configs/quickstart/*.yaml)
         metrics = run_cached(load_cached_config(args.config, args.overrides))
         print(json.dumps({k: metrics.get(k) for k in ("dataset", "accuracy", "blind_accuracy", "CIDEr",
                                                       "blind_CIDEr", "outputs")}, default=str))
