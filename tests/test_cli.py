@@ -292,3 +292,54 @@ def test_predict_and_eval_with_a_bad_checkpoint(small, tmp_path):
     assert rc == 2 and "no-checkpoint" in err
     rc, _, err = run_cli("eval", _cfg(small, tmp_path, small["clean"]), "--checkpoint", tmp_path / "no-checkpoint")
     assert rc == 2 and "no-checkpoint" in err
+
+
+# =========================================================================== portable checkpoints
+def test_tiny_demo_checkpoint_loads_alone_from_another_folder(tmp_path):
+    """``epalm tiny-demo``'s random models exist nowhere else: the checkpoint carries them."""
+    import shutil
+
+    from epalm.model import EPALM
+    from epalm.tiny import ColourDataset, accuracy, run
+
+    result = run(str(tmp_path / "demo"), epochs=3)
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "demo" / "final", moved)
+    shutil.rmtree(tmp_path / "demo")
+    model = EPALM.from_pretrained(moved)
+    assert accuracy(model.eval(), ColourDataset(48, seed=1)) == result["accuracy_after"]
+
+
+def test_train_checkpoint_is_portable_and_predicts(small, tmp_path):
+    """``epalm train``'s best/ holds the processor and names the models relative to itself: the run and
+    the models moved together load with from_pretrained(path) alone; already-loaded models are accepted too."""
+    import os
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from epalm.encoders import load_encoder
+    from epalm.model import EPALM
+    from epalm.processor import EPALMProcessor
+
+    rc, out, err = run_cli("train", _cfg(small, tmp_path, small["clean"]))
+    assert rc == 0, err[-3000:]
+    best = tmp_path / "run" / "best"
+    config = json.loads((best / "epalm_config.json").read_text())
+    assert not os.path.isabs(config["lm"]) and not os.path.isabs(config["encoder"])
+    assert EPALMProcessor.from_pretrained(best).media.image_size == 16
+    models = small["base"] / "models"
+    common = Path(os.path.commonpath([models, best]))
+    new_root = tmp_path / "other-machine"
+    for folder in (models, tmp_path / "run"):
+        shutil.copytree(folder, new_root / folder.relative_to(common))
+    moved = new_root / best.relative_to(common)
+    model = EPALM.from_pretrained(moved)
+    reference = EPALM.from_pretrained(best, lm=AutoModelForCausalLM.from_pretrained(small["models"]["lm"]),
+                                      encoder=load_encoder(small["models"]["vit"], num_layers=2))
+    for (name, a), b in zip(model.trainable_state_dict().items(), reference.trainable_state_dict().values()):
+        assert torch.equal(a, b), name
+    image = small["clean"] / "COCO/images/val2014" / coco_name("val2014", 1)
+    rc, out, err = run_cli("predict", moved, "--image", image, "--prompt", QUESTION)
+    assert rc == 0, err[-3000:]
+    assert "answer" in json.loads(out.strip().splitlines()[-1])

@@ -54,6 +54,7 @@ def make_tiny_checkpoint(root: Path) -> Path:
 
     from epalm.config import EPALMConfig
     from epalm.model import EPALM
+    from epalm.processor import EPALMProcessor, MediaConfig
 
     tokenizer = _tiny_tokenizer()
     torch.manual_seed(0)
@@ -69,7 +70,8 @@ def make_tiny_checkpoint(root: Path) -> Path:
     ViTModel(ViTConfig(hidden_size=24, num_hidden_layers=3, num_attention_heads=2, intermediate_size=48,
                        image_size=16, patch_size=8)).save_pretrained(root / "enc")
     config = EPALMConfig(lm=str(root / "lm"), encoder=str(root / "enc"), variant="epalm", num_encoder_layers=2)
-    EPALM.from_config(config).save_pretrained(root / "ckpt")
+    processor = EPALMProcessor(tokenizer, MediaConfig(image_size=16))
+    EPALM.from_config(config).save_pretrained(root / "ckpt", processor=processor)
     return root / "ckpt"
 
 
@@ -99,17 +101,17 @@ def image(tmp_path) -> Path:
 
 # ------------------------------------------------------------------ no browser
 def test_answer_question(loaded, image):
-    model, tokenizer, loader, modality = loaded
-    assert modality == "image"
-    out = demo.answer_question(model, tokenizer, loader, image, QUESTION, num_beams=3, max_new_tokens=6)
+    model, processor = loaded
+    assert demo.modality_of(model, processor) == "image"
+    out = demo.answer_question(model, processor, image, QUESTION, num_beams=3, max_new_tokens=6)
     assert set(out) == {"answer", "seconds"}
     assert isinstance(out["answer"], str) and out["answer"]
     assert isinstance(out["seconds"], float) and out["seconds"] >= 0
-    assert demo.answer_question(model, tokenizer, loader, image, QUESTION, 3, 6)["answer"] == out["answer"]
-    caption = demo.answer_question(model, tokenizer, loader, str(image), "", num_beams=1, max_new_tokens=4)
+    assert demo.answer_question(model, processor, image, QUESTION, 3, 6)["answer"] == out["answer"]
+    caption = demo.answer_question(model, processor, str(image), "", num_beams=1, max_new_tokens=4)
     assert isinstance(caption["answer"], str)
     with pytest.raises(ValueError, match="num_beams"):
-        demo.answer_question(model, tokenizer, loader, image, QUESTION, num_beams=0)
+        demo.answer_question(model, processor, image, QUESTION, num_beams=0)
 
 
 def test_load_checkpoint_errors(tmp_path):
@@ -122,8 +124,8 @@ def test_load_checkpoint_errors(tmp_path):
 def test_handler_shows_errors_and_answers(loaded, image, tmp_path):
     import gradio as gr
 
-    model, tokenizer, loader, _ = loaded
-    handle = demo.make_handler(model, tokenizer, loader, "image")
+    model, processor = loaded
+    handle = demo.make_handler(model, processor, "image")
     with pytest.raises(gr.Error, match="Upload an image first"):
         handle(None, QUESTION, 3, 10)
     broken = tmp_path / "broken.png"
@@ -138,18 +140,18 @@ def test_handler_shows_errors_and_answers(loaded, image, tmp_path):
 def test_build_app_follows_the_modality(loaded):
     import gradio as gr
 
-    model, tokenizer, loader, _ = loaded
+    model, processor = loaded
 
     def kinds(app):
         return {type(b).__name__ for b in app.blocks.values()}
 
-    app = demo.build_app(model, tokenizer, loader)
+    app = demo.build_app(model, processor)
     assert {"Image", "Textbox", "Slider", "Button", "Number"} <= kinds(app)
-    assert "Audio" in kinds(demo.build_app(model, tokenizer, loader, "audio"))
-    assert "Video" in kinds(demo.build_app(model, tokenizer, loader, "video"))
+    assert "Audio" in kinds(demo.build_app(model, processor, "audio"))
+    assert "Video" in kinds(demo.build_app(model, processor, "video"))
     assert app.analytics_enabled is False and os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
     with pytest.raises(ValueError, match="modality"):
-        demo.build_app(model, tokenizer, loader, "smell")
+        demo.build_app(model, processor, "smell")
     kwargs = demo.launch_kwargs()
     assert kwargs["server_name"] == "127.0.0.1" and kwargs["share"] is False
     assert isinstance(kwargs["theme"], gr.themes.Base)
@@ -208,13 +210,17 @@ def _wait_for_server(url: str, proc: subprocess.Popen, log: Path, timeout: float
 @pytest.fixture
 def demo_server(tiny_ckpt, tmp_path):
     """``epalm demo CKPT --port P`` in a subprocess, as a user runs it; yields its URL."""
+    yield from _serve(tiny_ckpt, tmp_path)
+
+
+def _serve(checkpoint: Path, tmp_path: Path):
     port = _free_port()
     log = tmp_path / "server.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}  # uploads land here, not in /tmp/gradio
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "epalm.cli", "demo", str(tiny_ckpt), "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "epalm.cli", "demo", str(checkpoint), "--port", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -298,3 +304,50 @@ def test_browser_upload_ask_and_see_the_answer(demo_server, browser, tmp_path, r
     outside = sorted(u for u in _requested_urls(browser)
                      if urlparse(u).scheme in ("http", "https", "ws", "wss") and urlparse(u).netloc != host)
     assert not outside, f"the page made requests off localhost: {outside}"
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory) -> Path:
+    """A quickstart-style run on the tiny models: ``RUN/model`` (weights + processor) and the
+    ``RUN/predictions.json`` its own evaluation wrote (``epalm quickstart``'s exact code path)."""
+    from test_quickstart import tiny_config, tiny_parts, write_easy_vqa
+
+    from epalm.quickstart import run_quickstart
+
+    tmp = tmp_path_factory.mktemp("quickstart_run")
+    parts = tiny_parts(write_easy_vqa(tmp / "data"))
+    run_quickstart(tiny_config(tmp, steps=30, num_test=18, skip_blind=True), parts)
+    return tmp / "run"
+
+
+@needs_chromium
+def test_browser_answers_the_quickstart_test_images_as_its_evaluation(quickstart_run, browser, tmp_path):
+    """``epalm demo RUN/model`` in a real browser gives, for the quickstart's test images and questions,
+    exactly the answers the quickstart's evaluation recorded (default decoding: the run's)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    rows = json.loads((quickstart_run / "predictions.json").read_text())
+    picked = {}
+    for r in rows:  # a few questions with different (non-empty) recorded answers
+        if r["prediction"]:
+            picked.setdefault(r["prediction"], r)
+    picked = list(picked.values())[:3]
+    assert len(picked) >= 2
+    server = _serve(quickstart_run / "model", tmp_path)
+    url = next(server)
+    try:
+        wait = WebDriverWait(browser, 120)
+        for r in picked:
+            browser.get(url)  # a fresh page per question
+            wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#ask"))
+            browser.find_element(By.CSS_SELECTOR, "#media input[type=file]").send_keys(r["media_path"])
+            wait.until(lambda d: any((img.get_attribute("src") or "").startswith(url)
+                                     for img in d.find_elements(By.CSS_SELECTOR, "#media img")))
+            browser.find_element(By.CSS_SELECTOR, "#question textarea, #question input").send_keys(r["question"])
+            browser.find_element(By.CSS_SELECTOR, "#ask").click()
+            answer = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#answer textarea, #answer input")
+                                .get_attribute("value"))
+            assert answer == r["prediction"], (r["question"], r["media_path"])
+    finally:
+        next(server, None)  # stops the server

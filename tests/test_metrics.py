@@ -462,3 +462,28 @@ def test_atomic_write_roundtrip_and_modes(tmp_path) -> None:
     atomic_write_json(tmp_path / "u.json", {"k": "é"})
     assert (tmp_path / "u.json").read_text(encoding="utf-8") == '{\n  "k": "é"\n}\n'
     assert sorted(os.listdir(tmp_path)) == ["a", "secret.bin", "u.json"]
+
+
+# ------------------------------------------------------------------ the two official scorer versions
+def test_vqa_scorer_versions_on_known_inputs():
+    from epalm.metrics import vqa_accuracy, vqa_score
+
+    unanimous = ["2"] * 10
+    # pre-2021 (default, the eP-ALM release): the prediction is always normalised
+    assert vqa_accuracy("Two", unanimous) == 1.0
+    assert vqa_accuracy("the 2.", unanimous) == 1.0
+    # 2021 (GT-Vision-Lab/VQA a013f00): no normalisation at all when the 10 answers agree
+    assert vqa_accuracy("Two", unanimous, scorer="2021") == 0.0
+    assert vqa_accuracy("  2\n", unanimous, scorer="2021") == 1.0  # only newline/tab/space cleaning
+    # annotators disagree: both versions normalise the prediction ...
+    mixed = ["2"] * 3 + ["3"] * 7
+    assert vqa_accuracy("Two", mixed) == vqa_accuracy("Two", mixed, scorer="2021") == pytest.approx(0.9)
+    # ... but only 2021 applies the digit/article step to the ground truth
+    gts = ["two"] * 4 + ["three"] * 6
+    assert vqa_accuracy("2", gts) == 0.0
+    assert vqa_accuracy("2", gts, scorer="2021") == 1.0
+    scores = vqa_score({1: "Two", 2: "2"}, {1: unanimous, 2: gts}, scorer="2021")
+    assert scores["overall"] == 50.0
+    assert vqa_score({1: "Two", 2: "2"}, {1: unanimous, 2: gts})["overall"] == 50.0
+    with pytest.raises(ValueError, match="scorer"):
+        vqa_accuracy("2", unanimous, scorer="2017")

@@ -159,3 +159,26 @@ def test_deepcopy_gives_an_independent_working_model(pixels, text):
     assert (twin(pixels, ids, mask).logits - model(pixels, ids, mask).logits).abs().max() > 1e-3
     twin(pixels, ids, mask, labels=ids).loss.backward()
     assert twin.connector.linears[0].weight.grad is not None and model.connector.linears[0].weight.grad is None
+
+
+def test_forward_returns_a_model_output_and_last_position_logits(pixels, text):
+    from transformers.utils import ModelOutput
+
+    ids, mask = text
+    model = EPALM(tiny_lm("opt"), tiny_encoder(), EPALMConfig(lm="t", encoder="t", num_encoder_layers=2))
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(pixels, ids, mask, labels=labels)
+    assert isinstance(out, ModelOutput)
+    assert out[0] is out.loss and out["loss"] is out.loss and out["logits"] is out.logits
+    assert out.to_tuple()[1] is out.logits
+    no_loss = model(pixels, ids, mask)
+    assert no_loss[0] is no_loss.logits and "loss" not in no_loss  # HF: None fields are skipped
+    full = no_loss.logits
+    last = model(pixels, ids, mask, last_logits_only=True).logits  # each row's last attended token
+    assert last.shape == (3, 1, full.shape[-1])
+    lengths = mask.sum(1) - 1
+    torch.testing.assert_close(last[:, 0], full[torch.arange(3), lengths])
+    kept = model(pixels, ids, mask, logits_to_keep=2).logits  # transformers' convention: last 2 columns
+    torch.testing.assert_close(kept, full[:, -2:])
+    # the loss does not depend on which logits are returned
+    torch.testing.assert_close(model(pixels, ids, mask, labels=labels, last_logits_only=True).loss, out.loss)

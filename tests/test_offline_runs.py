@@ -312,6 +312,53 @@ def test_caption_quickstart_end_to_end(tmp_path):
     assert any("CIDEr" in line for line in lines)
 
 
+# --------------------------------------------------------------------------------------------- checkpoints
+def _inference_answers(model_dir, rows, num_beams, max_new_tokens):
+    from epalm.inference import answer_question, load_checkpoint
+
+    model, processor = load_checkpoint(model_dir, device="cpu")
+    return [answer_question(model, processor, r["media_path"], r.get("question", ""), num_beams=num_beams,
+                            max_new_tokens=max_new_tokens)["answer"] for r in rows]
+
+
+def _moved(run: Path, tmp_path: Path) -> Path:
+    """RUN/model copied to another folder (and the original deleted): portability, not luck."""
+    target = tmp_path / "moved" / "model"
+    shutil.copytree(run / "model", target)
+    shutil.rmtree(run / "model")
+    assert str(tmp_path) not in (target / "epalm_config.json").read_text()
+    return target
+
+
+def test_audio_checkpoint_is_portable_and_answers_as_its_evaluation(tmp_path):
+    from epalm.model import EPALM
+
+    root = make_drumkits(tmp_path / "kits")
+    run_audio_quickstart(tmp_path / "run", root, epochs=3, batch_size=4, lr=1e-2, context_seconds=1.0,
+                         test_fraction=0.3, feature_cache=tmp_path / "feats", blind=False, threads=1,
+                         load_lm=tiny_lm_and_tokenizer, load_encoder=tiny_whisper, log=lambda s: None)
+    model_dir = _moved(tmp_path / "run", tmp_path)
+    model = EPALM.from_pretrained(model_dir)  # nothing else: the tiny Whisper and LM travel with it
+    assert isinstance(model.encoder, WhisperClipEncoder) and model.encoder.context_frames == 100
+    rows = json.loads((tmp_path / "run" / "predictions.json").read_text())
+    assert _inference_answers(model_dir, rows, 1, 5) == [r["prediction"] for r in rows]
+
+
+@pytest.mark.skipif(not _caption_metrics_available(), reason="needs pycocoevalcap and java")
+def test_caption_checkpoint_is_portable_and_answers_as_its_evaluation(tmp_path):
+    from epalm.processor import EPALMProcessor
+
+    root = make_stamps(tmp_path / "stamps", with_svg=False)
+    run_caption_quickstart(tmp_path / "run", root, epochs=2, batch_size=4, lr=1e-2, image_size=28, test_fraction=0.34,
+                           num_beams=2, max_new_tokens=6, feature_cache=tmp_path / "feats", blind=False, threads=1,
+                           load_lm=tiny_lm_and_tokenizer, load_encoder=tiny_dinov2, log=lambda s: None)
+    model_dir = _moved(tmp_path / "run", tmp_path)
+    media = EPALMProcessor.from_pretrained(model_dir).media
+    assert (media.image_size, media.resize, media.background) == (28, "pad-square", "white")
+    rows = json.loads((tmp_path / "run" / "predictions.json").read_text())
+    assert _inference_answers(model_dir, rows, 2, 6) == [r["prediction"] for r in rows]
+
+
 # --------------------------------------------------------------------------------------------- missing packages
 def test_cli_missing_debian_package(tmp_path, capsys):
     code = main(["quickstart-audio", "--root", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "r")])

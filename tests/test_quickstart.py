@@ -94,32 +94,29 @@ def test_missing_easy_vqa_package_gives_the_pip_command(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------- tiny parts
-class WordTokenizer:
-    """Whitespace/punctuation tokenizer with a fixed vocabulary: enough for the quickstart's text code."""
+def word_tokenizer():
+    """A word-level transformers tokenizer with a fixed vocabulary (saved with the checkpoint like a real one)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    pad_token_id, bos_token_id, eos_token_id = 1, 2, 3
-
-    def __init__(self):
-        words = ["what", "color", "is", "the", "shape", "in", "image", "there", "a", "?", "</", "a", ">", "yes", "no",
-                 *COLOURS, *SHAPES]
-        self.vocab = {w: i + 4 for i, w in enumerate(dict.fromkeys(words))}
-        self.inverse = {i: w for w, i in self.vocab.items()}
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [self.vocab[w] for w in re.findall(r"</|\w+|[^\w\s]", text)]}
-
-    def batch_decode(self, seqs, skip_special_tokens=True):
-        return [" ".join(self.inverse[int(i)] for i in s if int(i) in self.inverse) for s in seqs]
+    words = ["what", "color", "is", "the", "shape", "in", "image", "there", "a", "?", "</", ">", "yes", "no",
+             *COLOURS, *SHAPES]
+    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3, **{w: i + 4 for i, w in enumerate(dict.fromkeys(words))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Split(Regex(r"</|\w+|[^\w\s]"), "isolated")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
 
 
-def tiny_parts(root):
+def tiny_parts(root=None):
     from conftest import tiny_vit
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from epalm.encoders import wrap_hf_encoder
-    from epalm.quickstart import QuickstartParts
+    from epalm.quickstart import RunParts
 
-    tok = WordTokenizer()
+    tok = word_tokenizer()
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -130,15 +127,15 @@ def tiny_parts(root):
                 p.normal_(0, 0.4)
     lm.config._attn_implementation = "sdpa"
     encoder = wrap_hf_encoder(tiny_vit(image_size=16), num_layers=2)
-    return QuickstartParts(lm=lm.eval(), tokenizer=tok, encoder=encoder, mean=(0.5,) * 3, std=(0.5,) * 3,
-                           train=read_easy_vqa("train", root), test=read_easy_vqa("test", root),
-                           lm_name="tiny-llama", encoder_name="tiny-vit", versions={"test": "1"})
+    # no names: the tiny models exist only here, so the checkpoint saves them (save_base_models)
+    return RunParts(lm=lm.eval(), tokenizer=tok, encoder=encoder, versions={"test": "1"})
 
 
 def tiny_config(tmp_path, **kw):
     from epalm.quickstart import QuickstartConfig
 
-    base = dict(output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), image_size=16,
+    base = dict(output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), root=str(tmp_path / "data"),
+                image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3,
                 num_encoder_layers=2, inject_start=2, inject_end=4, steps=6, batch_size=8, lr=1e-2, bf16="off",
                 device="cpu", threads=1, eval_batch_size=5, max_new_tokens=3, progress=False, num_test=10)
     base.update(kw)
@@ -254,3 +251,128 @@ def test_real_quickstart_reduced(tmp_path):
     assert metrics["test_questions"] == 200
     assert 0.3 < metrics["accuracy"] <= 1.0 and metrics["blind_accuracy"] is not None
     assert (tmp_path / "run" / "examples.html").is_file() and (tmp_path / "run" / "curves.png").is_file()
+
+    # the real checkpoint names its parts by registry name and answers, through the demo's path,
+    # exactly as the run's own evaluation did
+    import shutil
+
+    config = json.loads((tmp_path / "run" / "model" / "epalm_config.json").read_text())
+    assert (config["lm"], config["encoder"]) == ("weights:smollm2-135m-instruct", "weights:dinov2-small")
+    moved = tmp_path / "moved" / "model"
+    shutil.copytree(tmp_path / "run" / "model", moved)
+    rows = json.loads((tmp_path / "run" / "predictions.json").read_text())[:40]
+    assert _answers_through_inference(moved, rows, max_new_tokens=4) == [r["prediction"] for r in rows]
+
+
+# ----------------------------------------------------------------------------------- the checkpoint
+def _answers_through_inference(model_dir, rows, max_new_tokens, num_beams=1):
+    """What ``epalm predict`` / the demo answer for each row (greedy unless num_beams > 1)."""
+    from epalm.inference import answer_question, load_checkpoint
+
+    model, processor = load_checkpoint(model_dir, device="cpu")
+    return [answer_question(model, processor, r["media_path"], r.get("question", ""), num_beams=num_beams,
+                            max_new_tokens=max_new_tokens)["answer"] for r in rows]
+
+
+def test_quickstart_checkpoint_is_portable_and_answers_as_its_evaluation(tmp_path):
+    """Copied elsewhere, RUN/model loads with from_pretrained(path) alone (weights, config, processor,
+    tokenizer and the in-memory tiny LM/encoder), and the demo's path gives exactly the evaluation's answers."""
+    import shutil
+
+    from epalm.model import EPALM
+    from epalm.processor import EPALMProcessor
+    from epalm.quickstart import run_quickstart
+
+    parts = tiny_parts(write_easy_vqa(tmp_path / "data"))
+    run_quickstart(tiny_config(tmp_path, steps=30, num_test=18, skip_blind=True), parts)
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(tmp_path / "run" / "model", moved)
+    shutil.rmtree(tmp_path / "run" / "model")
+    config = json.loads((moved / "epalm_config.json").read_text())
+    assert config["lm"] == "./lm" and config["encoder"] == "./encoder"
+    assert str(tmp_path) not in (moved / "epalm_config.json").read_text()  # no absolute path
+    processor = EPALMProcessor.from_pretrained(moved)
+    assert processor.media.image_size == 16 and processor.media.mean == [0.5] * 3
+    assert processor.prompt_text("what color is the shape?") == "what color is the shape?</a>"
+    model = EPALM.from_pretrained(moved)
+    assert model.encoder is not None and model.config.variant == "lin"
+
+    rows = json.loads((tmp_path / "run" / "predictions.json").read_text())
+    assert len({r["prediction"] for r in rows}) > 1  # the trained model does not answer a constant
+    assert _answers_through_inference(moved, rows, max_new_tokens=3) == [r["prediction"] for r in rows]
+
+
+def test_checkpoint_names_are_portable(tmp_path, monkeypatch):
+    from epalm.model import portable_name, resolve_name
+
+    monkeypatch.setenv("EPALM_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "run" / "model"
+    assert portable_name("facebook/opt-2.7b", ckpt) == "facebook/opt-2.7b"
+    assert portable_name("weights:dinov2-small", ckpt) == "weights:dinov2-small"
+    assert portable_name(str(tmp_path / "run" / "model" / "lm"), ckpt) == "./lm"
+    assert portable_name(str(tmp_path / "models" / "vit"), ckpt) == "../../models/vit"
+    assert portable_name("framewise:" + str(tmp_path / "vit"), ckpt) == "framewise:../../vit"
+    # a converted registry weight in the cache is recorded by its registry name, never by its path
+    assert portable_name(str(tmp_path / "cache" / "smollm2-135m-instruct"), ckpt) == "weights:smollm2-135m-instruct"
+    with pytest.raises(ValueError, match="not portable"):
+        portable_name(str(tmp_path / "cache" / "something-else"), ckpt)
+    assert resolve_name("./lm", ckpt) == str((ckpt / "lm").resolve())
+    assert resolve_name("framewise:../vit", ckpt) == "framewise:" + str((ckpt.parent / "vit").resolve())
+    assert resolve_name("gpt2", ckpt) == "gpt2"
+
+
+# ----------------------------------------------------------------------------------- the recipe as YAML
+def test_quickstart_yaml_is_the_quickstart_recipe():
+    from pathlib import Path
+
+    from epalm.cached_recipe import load_cached_config
+    from epalm.quickstart import QuickstartConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
+    assert load_cached_config(root / "easy_vqa.yaml") == QuickstartConfig().recipe()
+    cfg = load_cached_config(root / "easy_vqa.yaml", ["cached.steps=10", "cached.variant=epalm"])
+    assert cfg.steps == 10 and cfg.variant == "epalm"
+    for name in ("drumkits.yaml", "tuxpaint.yaml"):
+        assert load_cached_config(root / name).dataset in ("drumkits", "tuxpaint")
+    with pytest.raises(ValueError, match="unknown key"):
+        load_cached_config(root / "easy_vqa.yaml", ["cached.stepz=3"])
+
+
+def test_epalm_train_runs_a_cached_recipe_yaml(tmp_path, capsys):
+    """`epalm train` on a YAML with a `cached:` section runs the quickstarts' recipe (models named by path)."""
+    from conftest import tiny_vit
+
+    from epalm import cli
+    from epalm.model import EPALM
+
+    write_easy_vqa(tmp_path / "data")
+    parts = tiny_parts()
+    parts.lm.save_pretrained(tmp_path / "models" / "lm")
+    parts.tokenizer.save_pretrained(tmp_path / "models" / "lm")
+    tiny_vit(image_size=16).save_pretrained(tmp_path / "models" / "vit")
+    config = tmp_path / "easy.yaml"
+    config.write_text(f"""cached:
+  dataset: easy_vqa
+  root: {tmp_path / 'data'}
+  output_dir: {tmp_path / 'run'}
+  cache_dir: {tmp_path / 'cache'}
+  lm: {tmp_path / 'models' / 'lm'}
+  encoder: {tmp_path / 'models' / 'vit'}
+  media: {{image_size: 16, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}}
+  num_encoder_layers: 2
+  inject_start: 2
+  inject_end: 4
+  steps: 4
+  batch_size: 8
+  bf16: "off"
+  device: cpu
+  max_new_tokens: 3
+  progress: false
+  blind: false
+""")
+    assert cli.main(["train", str(config), "cached.num_test=5"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["dataset"] == "easy_vqa" and 0 <= out["accuracy"] <= 1
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["test_samples"] == 5 and set(saved["per_answer_type"]) <= {"color", "shape", "yes/no"}
+    assert EPALM.from_pretrained(tmp_path / "run" / "model").encoder is not None

@@ -4,5 +4,6 @@ __version__ = "0.1.0"
 
 from .config import EPALMConfig, VARIANTS  # noqa: E402
 from .model import EPALM, EPALMOutput  # noqa: E402
+from .processor import EPALMProcessor  # noqa: E402
 
-__all__ = ["EPALM", "EPALMConfig", "EPALMOutput", "VARIANTS"]
+__all__ = ["EPALM", "EPALMConfig", "EPALMOutput", "EPALMProcessor", "VARIANTS"]

@@ -24,8 +24,14 @@ def _positive_int(text: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .cached_recipe import is_cached_config, load_cached_config, run_cached
     from .recipe import load_run_config, run_train
 
+    if is_cached_config(args.config):  # the quickstarts' cached-features recipe (configs/quickstart/*.yaml)
+        metrics = run_cached(load_cached_config(args.config, args.overrides))
+        print(json.dumps({k: metrics.get(k) for k in ("dataset", "accuracy", "blind_accuracy", "CIDEr",
+                                                      "blind_CIDEr", "outputs")}, default=str))
+        return 0
     cfg = load_run_config(args.config, args.overrides)
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
@@ -63,11 +69,12 @@ def _predict(args: argparse.Namespace) -> int:
     media_path = args.image or args.video or args.audio
     if not Path(media_path).is_file():
         raise FileNotFoundError(f"{media_path}: no such file")
-    model, tokenizer, loader, modality = load_checkpoint(args.checkpoint, image_size=args.image_size)
+    model, processor = load_checkpoint(args.checkpoint, image_size=args.image_size)
+    modality = processor.media.modality
     given = "image" if args.image else "video" if args.video else "audio"
     if given != modality:
-        raise ValueError(f"{args.checkpoint} reads {modality} (its encoder), but --{given} was given")
-    print(json.dumps(answer_question(model, tokenizer, loader, media_path, args.prompt, args.num_beams,
+        raise ValueError(f"{args.checkpoint} reads {modality} (its processor), but --{given} was given")
+    print(json.dumps(answer_question(model, processor, media_path, args.prompt, args.num_beams,
                                      args.max_new_tokens)))
     return 0
 
@@ -211,9 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--audio")
     p.add_argument("--prompt", default="", help="the question (empty: caption)")
     p.add_argument("--image-size", type=_positive_int, default=None,
-                   help="default: the training run's data.image_size, else the encoder's input size")
-    p.add_argument("--num-beams", type=_positive_int, default=3)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=10)
+                   help="override the image size of the processor saved with the checkpoint")
+    p.add_argument("--num-beams", type=_positive_int, default=None,
+                   help="default: the decoding the checkpoint's run evaluated with, else 3")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default: as the run's evaluation, else 10")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("params", help="trainable vs total parameters of a variant (no download)")

@@ -9,8 +9,8 @@ analytics and version check are disabled, no share link is made unless asked for
 and the theme uses the fonts bundled with Gradio or the system's (no font CDN).
 
     from epalm.demo import build_app, launch_kwargs, load_checkpoint
-    model, tokenizer, loader, modality = load_checkpoint("runs/vqa_epalm/best")
-    build_app(model, tokenizer, loader, modality).launch(**launch_kwargs())
+    model, processor = load_checkpoint("runs/quickstart/model")   # weights + the processor saved with them
+    build_app(model, processor).launch(**launch_kwargs())
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .inference import MODALITIES, answer_question, load_checkpoint, modality_of  # noqa: F401 (re-exported)
+from .inference import (  # noqa: F401 (re-exported)
+    MODALITIES,
+    answer_question,
+    decoding_defaults,
+    load_checkpoint,
+    modality_of,
+)
 
 _LABEL = {"image": "Image", "video": "Video", "audio": "Audio"}
 MAX_BEAMS, MAX_NEW_TOKENS = 8, 64
@@ -47,7 +53,7 @@ def require_gradio():
 
 # ------------------------------------------------------------------ model side (no Gradio)
 # ------------------------------------------------------------------ Gradio side
-def make_handler(model, tokenizer, media_loader, modality: str = "image"):
+def make_handler(model, processor, modality: str = "image"):
     """The app's callback ``(media_path, question, beams, max_new_tokens) -> (answer, seconds)``.
 
     Bad input (no file, unreadable file) raises ``gradio.Error``, which the page shows as a message.
@@ -60,7 +66,7 @@ def make_handler(model, tokenizer, media_loader, modality: str = "image"):
             raise gr.Error(f"Upload {'an' if modality[0] in 'aeiou' else 'a'} {modality} first, then ask.",
                            title=f"No {modality}", print_exception=False)
         try:
-            out = answer_question(model, tokenizer, media_loader, media_path, question, num_beams, max_new_tokens)
+            out = answer_question(model, processor, media_path, question, num_beams, max_new_tokens)
         except (MediaError, ValueError) as err:
             raise gr.Error(public_message(err), title=f"Cannot answer about this {modality}",
                            print_exception=False) from err
@@ -97,17 +103,18 @@ def launch_kwargs(host: str = "127.0.0.1", port: int | None = 7860, share: bool 
                 mcp_server=False, pwa=False, show_error=True, max_file_size="200mb")
 
 
-def build_app(model, tokenizer, media_loader, modality: str | None = None, title: str = "eP-ALM demo"):
+def build_app(model, processor, modality: str | None = None, title: str = "eP-ALM demo"):
     """A ``gradio.Blocks`` app around any eP-ALM model (injectable: the tests pass a tiny one).
 
-    ``modality``: ``"image"``, ``"video"`` or ``"audio"`` (default: the model's encoder's).
+    ``processor``: the checkpoint's :class:`~epalm.processor.EPALMProcessor` (preprocessing,
+    tokenizer, prompt). ``modality``: ``"image"``, ``"video"`` or ``"audio"`` (default: the processor's).
     Element ids: ``media``, ``question``, ``beams``, ``max-new-tokens``, ``ask``, ``answer``, ``seconds``.
     """
     gr = require_gradio()
-    modality = modality or modality_of(model)
+    modality = modality or modality_of(model, processor)
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
-    handle = make_handler(model, tokenizer, media_loader, modality)
+    handle = make_handler(model, processor, modality)
     config = model.config
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(f"## {title}\nLM `{config.lm}` · encoder `{config.encoder}` · variant `{config.variant}`. "
@@ -125,9 +132,11 @@ def build_app(model, tokenizer, media_loader, modality: str | None = None, title
                 question = gr.Textbox(label="Question", placeholder="e.g. what is happening?", lines=1,
                                       elem_id="question")
                 with gr.Accordion("Decoding", open=False):
-                    beams = gr.Slider(1, MAX_BEAMS, value=3, step=1, label="Beams", elem_id="beams")
-                    max_new = gr.Slider(1, MAX_NEW_TOKENS, value=10, step=1, label="Max new tokens",
-                                        elem_id="max-new-tokens")
+                    decoding = decoding_defaults(processor)  # the run's evaluation decoding
+                    beams = gr.Slider(1, MAX_BEAMS, value=decoding["num_beams"], step=1, label="Beams",
+                                      elem_id="beams")
+                    max_new = gr.Slider(1, MAX_NEW_TOKENS, value=decoding["max_new_tokens"], step=1,
+                                        label="Max new tokens", elem_id="max-new-tokens")
                 ask = gr.Button("Ask", variant="primary", elem_id="ask")
             with gr.Column():
                 answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
@@ -145,8 +154,9 @@ def launch(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int = 7
     ``block=False`` returns the running app (close it with ``app.close()``).
     """
     require_gradio()  # fail before the (slow) model load
-    model, tokenizer, loader, modality = load_checkpoint(checkpoint, image_size=image_size, device=device)
-    app = build_app(model, tokenizer, loader, modality, title=f"eP-ALM: {Path(checkpoint).name}")
+    model, processor = load_checkpoint(checkpoint, image_size=image_size, device=device)
+    modality = modality_of(model, processor)
+    app = build_app(model, processor, modality, title=f"eP-ALM: {Path(checkpoint).name}")
     app.queue(default_concurrency_limit=1)  # one generation at a time: the model is shared
     app.launch(prevent_thread_lock=True, quiet=True, **launch_kwargs(host, port, share))
     where = app.local_url + (f" and {app.share_url}" if app.share_url else "")

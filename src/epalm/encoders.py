@@ -266,15 +266,35 @@ def wrap_timm_vit(model: nn.Module, num_layers: int = 6) -> Encoder:
 
 
 def load_encoder(name: str, num_layers: int = 6, pretrained: bool = True, **kwargs) -> nn.Module:
-    """Build a frozen encoder from a timm model name or a transformers id/path.
+    """Build a frozen encoder from a timm model name, a transformers id/path or a registry name.
 
     ``"timm:vit_base_patch16_224"`` or a bare timm name (``vit_base_patch16_224``) uses timm
-    (``pip install 'epalm[timm]'``); anything else goes to ``transformers.AutoModel``.
-    ``"framewise:<name>"`` wraps an image encoder frame by frame for video.
+    (``pip install 'epalm[timm]'``); ``"weights:<name>"`` a registry weight of :mod:`epalm.weights`
+    (converted on first use, e.g. ``weights:dinov2-small``); anything else goes to
+    ``transformers.AutoModel``. ``"framewise:<name>"`` wraps an image encoder frame by frame for
+    video; ``"whisper-clip:<name>"`` wraps a Whisper encoder as :class:`WhisperClipEncoder`
+    (``kwargs``: ``context_frames``, ``pooling``).
     """
     if name.startswith("framewise:"):
         inner = load_encoder(name.split(":", 1)[1], num_layers=num_layers, pretrained=pretrained, **kwargs)
         return FrameWiseEncoder(inner)
+    if name.startswith("weights:"):
+        from .weights.registry import load_registry_encoder
+
+        return load_registry_encoder(name.split(":", 1)[1], num_layers=num_layers, **kwargs)
+    if name.startswith("whisper-clip:"):
+        import json
+        from pathlib import Path
+
+        from transformers import AutoModel
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        clip = {k: kwargs.pop(k) for k in ("context_frames", "pooling") if k in kwargs}
+        source = name.split(":", 1)[1]
+        config_file = Path(source) / "config.json"
+        saved = json.loads(config_file.read_text()).get("architectures") if config_file.is_file() else None
+        cls = WhisperEncoder if saved == ["WhisperEncoder"] else AutoModel  # an encoder saved on its own
+        return WhisperClipEncoder(cls.from_pretrained(source, **kwargs).eval(), num_layers=num_layers, **clip)
     if name.startswith("timm:") or ("/" not in name and name.startswith(("vit_", "deit_", "eva"))):
         try:
             import timm
@@ -308,3 +328,57 @@ def count_tokens(encoder: nn.Module, token_layers: int = 1) -> int:
     x = torch.zeros(1, channels, *size, device=param.device if param is not None else None,
                     dtype=param.dtype if param is not None else None)
     return inner(x, all_tokens=True, **({"token_layers": token_layers} if token_layers != 1 else {})).shape[1]
+class WhisperClipEncoder(Encoder):
+    """Whisper's encoder on the first ``context_frames`` mel frames; each layer mean-pooled.
+
+    ``context_frames < 3000`` truncates the encoder's (sinusoidal) position table **in place**.
+    ``pooling="audio"`` averages only the positions whose mel frames rise above the clip's floor
+    (the value the feature extractor gives to zero padding); ``"all"`` averages every position.
+    """
+
+    def __init__(self, whisper: nn.Module, num_layers: int = 6, context_frames: int = 3000,
+                 pooling: str = "audio") -> None:
+        if pooling not in ("audio", "all"):
+            raise ValueError(f"pooling must be 'audio' or 'all', got {pooling!r}")
+        enc = whisper.get_encoder() if hasattr(whisper, "get_encoder") else whisper
+        full = enc.config.max_source_positions * 2
+        if context_frames % 2 or not 2 <= context_frames <= full:
+            raise ValueError(f"context_frames must be even and in [2, {full}], got {context_frames}")
+        positions = context_frames // 2
+        if positions < enc.config.max_source_positions:
+            table = enc.embed_positions.weight.data[:positions].clone()
+            enc.embed_positions = nn.Embedding(positions, table.shape[1]).requires_grad_(False)
+            enc.embed_positions.weight.data.copy_(table)
+            enc.config.max_source_positions = positions
+        num_layers = min(num_layers, enc.config.encoder_layers)
+        super().__init__(enc, num_layers=num_layers, pooling="mean", call=_whisper_call, modality="audio",
+                         hidden_size=enc.config.d_model, image_size=None)
+        self.context_frames = context_frames
+        self.audio_pooling = pooling
+        self._mask: torch.Tensor | None = None
+
+    @staticmethod
+    def audio_positions(mel: torch.Tensor) -> torch.Tensor:
+        """``(B, frames/2)`` bool: encoder positions (2 mel frames each) holding audio."""
+        floor = mel.amin(dim=(1, 2), keepdim=True)
+        frames = (mel > floor + 1e-4).any(dim=1)
+        pos = frames.view(mel.shape[0], -1, 2).any(-1)
+        pos[:, 0] |= ~pos.any(1)  # a silent clip still pools one position
+        return pos
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, all_tokens: bool = False) -> torch.Tensor:
+        if x.ndim != 3 or x.shape[-1] != self.context_frames:
+            raise ValueError(f"expected log-mels (batch, mel bins, {self.context_frames}), got {tuple(x.shape)}")
+        self._mask = self.audio_positions(x) if self.audio_pooling == "audio" else None
+        try:
+            return super().forward(x, all_tokens=all_tokens)
+        finally:
+            self._mask = None
+
+    def _pool(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.final_norm(h)
+        if self._mask is None:
+            return h.mean(dim=1)
+        m = self._mask.to(h.dtype).unsqueeze(-1)
+        return (h * m).sum(1) / m.sum(1)

@@ -22,13 +22,18 @@ from torch.utils.data import Dataset, Subset
 
 from .data.loading import default_num_workers, make_loader
 from .io import atomic_write_text
+from .metrics import exact_match
 from .model import EPALM
 from .parallel import is_sharded
 
 
 @dataclass
-class GenerationConfig:
-    """Decoding of the paper: greedy (num_beams=1), beam search (3), or sampling."""
+class DecodingConfig:
+    """Decoding of an evaluation: greedy (num_beams=1), beam search (3), or sampling.
+
+    Not transformers' ``GenerationConfig``: these are only the options a recipe's ``eval.generation``
+    section sets; :meth:`kwargs` turns them into ``generate`` keyword arguments.
+    """
 
     max_new_tokens: int = 10
     num_beams: int = 1
@@ -57,7 +62,7 @@ def predict(
     dataset: Dataset,
     collate: Callable[[list], dict],
     tokenizer: Any,
-    generation: GenerationConfig | None = None,
+    generation: DecodingConfig | None = None,
     batch_size: int = 64,
     accelerator: Any = None,
     progress: bool = True,
@@ -69,7 +74,7 @@ def predict(
     """
     from tqdm.auto import tqdm
 
-    generation = generation or GenerationConfig()
+    generation = generation or DecodingConfig()
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     indices = list(range(rank, len(dataset), world))
     sharded = is_sharded(model)
@@ -177,7 +182,7 @@ def write_examples_html(path: Path, rows: Sequence[dict[str, Any]], media_paths:
     cells = []
     for r in list(rows)[:limit]:
         truth = r.get("answers") or r.get("references") or []
-        ok = r["prediction"].lower() in {str(t).lower() for t in truth}
+        ok = exact_match(r["prediction"], [str(t) for t in truth])
         cells.append(
             f"<tr class={'ok' if ok else 'bad'}><td>{_thumbnail(media_paths.get(r.get('sample_id')))}</td>"
             f"<td>{html.escape(str(r.get('question', '')))}</td><td><b>{html.escape(r['prediction'])}</b></td>"

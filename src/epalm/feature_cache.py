@@ -757,3 +757,44 @@ class _PartialWriter:
         _fsync_path(self.final.parent)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
+
+
+def open_or_build(
+    path: str | os.PathLike,
+    encoder: nn.Module,
+    items: Iterable[tuple[MediaId, ItemSource]],
+    fingerprint: dict[str, Any],
+    *,
+    rebuild_stale: bool = False,
+    **build_kwargs: Any,
+) -> tuple["FeatureCache", bool]:
+    """The one open-or-build policy: ``(cache, reused)``.
+
+    A complete cache with ``fingerprint`` that holds every item is reused. A missing or
+    incomplete one is built (an interrupted build with the same fingerprint is resumed); one
+    lacking items is rebuilt. A stale cache (other encoder, weights or preprocessing) raises
+    :class:`StaleCacheError` naming what differs, unless ``rebuild_stale`` (folders whose name
+    already encodes the settings, e.g. the quickstarts' caches under ``$EPALM_CACHE/features``).
+    ``build_kwargs`` go to :meth:`FeatureCache.build`.
+    """
+    import shutil
+
+    path = Path(path)
+    items = list(items)
+    try:
+        cache = FeatureCache.open(path, fingerprint)
+        if all(media_id in cache for media_id, _ in items):
+            return cache, True
+    except (FileNotFoundError, IncompleteCacheError):
+        pass
+    except StaleCacheError:
+        if not rebuild_stale:
+            raise
+    build_kwargs = {**build_kwargs, "overwrite": True}
+    try:
+        return FeatureCache.build(path, encoder, items, fingerprint, resume=True, **build_kwargs), False
+    except CacheError:  # an unfinished build made with other settings
+        if not rebuild_stale:
+            raise
+        shutil.rmtree(partial_path(path), ignore_errors=True)
+        return FeatureCache.build(path, encoder, items, fingerprint, resume=False, **build_kwargs), False

@@ -30,8 +30,11 @@ __all__ = [
     "process_digit_article",
     "vqa_accuracy",
     "vqa_score",
+    "VQA_SCORERS",
     "normalize_exact_match",
+    "exact_match",
     "exact_match_accuracy",
+    "grouped_exact_match",
     "CAPTION_METRICS",
     "caption_scores",
     "JavaNotFoundError",
@@ -148,25 +151,49 @@ def _gt_answer_strings(value: Any) -> list[str]:
     return answers
 
 
-def vqa_accuracy(prediction: str, gt_answers: Sequence[str] | Sequence[Mapping[str, Any]]) -> float:
+VQA_SCORERS = ("pre-2021", "2021")
+
+
+def vqa_accuracy(prediction: str, gt_answers: Sequence[str] | Sequence[Mapping[str, Any]],
+                 scorer: str = "pre-2021") -> float:
     """VQA accuracy of one prediction, in [0, 1], exactly as the official ``vqaEval.py``.
 
     For each of the N annotators, the prediction scores ``min(1, matches among the other N-1
     answers / 3)``; the result is the mean over the N leave-one-out subsets. With 10 answers:
     1 match -> 0.3, 2 -> 0.6, 3 -> 0.9, 4 or more -> 1.0.
 
-    Faithful quirks: the prediction always gets the full normalisation
-    (:func:`normalize_vqa_answer`), but the ground-truth answers only get
-    :func:`process_punctuation` (no digit/article/contraction step, no strip), and only when the
-    annotators disagree. VQA v2 ground truth is already normalised, so this matters only for
-    hand-made annotations.
+    ``scorer`` picks the version of the official script (GT-Vision-Lab/VQA):
+
+    * ``"pre-2021"`` (default; the eP-ALM release and the papers of its time): the prediction
+      always gets the full normalisation (:func:`normalize_vqa_answer`), the ground-truth answers
+      only :func:`process_punctuation` (no digit/article/contraction step, no strip), and only when
+      the annotators disagree.
+    * ``"2021"`` (the repository since commit a013f00, 2021-03-11, "Fixed processing answers
+      bug"): prediction and answers are stripped of newlines, tabs and outer spaces; when the
+      annotators disagree both get :func:`process_punctuation` + :func:`process_digit_article`;
+      when all answers agree, nothing is normalised (``"Two"`` no longer matches ``"2"``).
+
+    VQA v2 ground truth is already normalised, so the versions differ only on unnormalised
+    predictions of unanimous questions and on hand-made annotations.
     """
+    if scorer not in VQA_SCORERS:
+        raise ValueError(f"scorer must be one of {VQA_SCORERS}, got {scorer!r}")
     if not isinstance(prediction, str):
         raise TypeError(f"prediction must be str, got {type(prediction).__name__}")
     gts = _gt_answer_strings(gt_answers)
-    pred = normalize_vqa_answer(prediction)
-    if len(set(gts)) > 1:
-        gts = [process_punctuation(a) for a in gts]
+    if scorer == "pre-2021":
+        pred = normalize_vqa_answer(prediction)
+        if len(set(gts)) > 1:
+            gts = [process_punctuation(a) for a in gts]
+    else:
+        def clean(text: str) -> str:
+            return text.replace("\n", " ").replace("\t", " ").strip()
+
+        gts = [clean(a) for a in gts]
+        pred = clean(prediction)
+        if len(set(gts)) > 1:
+            gts = [process_digit_article(process_punctuation(a)) for a in gts]
+            pred = process_digit_article(process_punctuation(pred))
     total_matches = sum(a == pred for a in gts)
     accs = []
     for a in gts:  # leave annotator i out: its own answer no longer counts
@@ -198,6 +225,7 @@ def vqa_score(
     *,
     ndigits: int = 2,
     per_question: bool = False,
+    scorer: str = "pre-2021",
 ) -> dict[str, Any]:
     """Official VQA v2 scores, as percentages rounded to ``ndigits`` (like ``VQAEval(n=2)``).
 
@@ -205,6 +233,9 @@ def vqa_score(
     dicts, or the official annotation entry, whose ``answer_type``/``question_type`` are then
     used when the explicit mappings are not given). Like the official ``loadRes``, predictions
     must cover exactly the annotated questions.
+
+    ``scorer``: ``"pre-2021"`` (default, the eP-ALM release) or ``"2021"`` (the official
+    repository today); see :func:`vqa_accuracy`.
 
     Returns ``{"overall", "perAnswerType", "perQuestionType", "n_questions"}`` (+ ``"perQuestion"``
     when ``per_question``); the breakdowns are empty when no types are known.
@@ -223,7 +254,7 @@ def vqa_score(
     by_ans: dict[str, list[float]] = {}
     by_ques: dict[str, list[float]] = {}
     for qid, gt in annotations.items():
-        acc = vqa_accuracy(predictions[qid], gt)
+        acc = vqa_accuracy(predictions[qid], gt, scorer=scorer)
         accs[qid] = acc
         if (atype := type_of(qid, answer_types, "answer_type")) is not None:
             by_ans.setdefault(atype, []).append(acc)
@@ -260,14 +291,38 @@ def normalize_exact_match(answer: str) -> str:
     return " ".join(answer.lower().split()).rstrip(_TRAILING_PUNCT).strip()
 
 
+def exact_match(prediction: str, answers: str | Sequence[str]) -> bool:
+    """Whether ``prediction`` equals one of ``answers`` after :func:`normalize_exact_match`."""
+    accepted = [answers] if isinstance(answers, str) else list(answers)
+    norm = normalize_exact_match(prediction)
+    return any(norm == normalize_exact_match(a) for a in accepted)
+
+
+def grouped_exact_match(preds: Sequence[str], gts: Sequence[str | Sequence[str]],
+                        groups: Sequence[Hashable] | None = None) -> dict[str, Any]:
+    """Exact-match accuracy as a fraction (0-1), overall and per group (any sample attribute:
+    answer type, class, template...): ``{"accuracy": float, "groups": {group: float}}``."""
+    if len(preds) != len(gts) or (groups is not None and len(groups) != len(preds)):
+        raise ValueError(f"{len(preds)} predictions, {len(gts)} ground truths"
+                         + (f", {len(groups)} groups" if groups is not None else ""))
+    if not preds:
+        raise ValueError("nothing to evaluate")
+    hits = [exact_match(p, g) for p, g in zip(preds, gts)]
+    by: dict[Hashable, list[bool]] = {}
+    for g, h in zip(groups or [], hits):
+        if g is not None:
+            by.setdefault(g, []).append(h)
+    return {"accuracy": sum(hits) / len(hits),
+            "groups": {g: sum(v) / len(v) for g, v in sorted(by.items(), key=lambda kv: str(kv[0]))}}
+
+
 def exact_match_accuracy(
     preds: Mapping[Hashable, str] | Sequence[str],
     gts: Mapping[Hashable, str | Sequence[str]] | Sequence[str | Sequence[str]],
 ) -> float:
     """Percentage (0-100) of predictions equal to the ground truth after
-    :func:`normalize_exact_match`. A ground truth may be a list of acceptable answers.
-
-    Mappings must have the same keys; sequences the same length.
+    :func:`normalize_exact_match` (:func:`exact_match`). A ground truth may be a list of
+    acceptable answers. Mappings must have the same keys; sequences the same length.
     """
     if isinstance(preds, Mapping) != isinstance(gts, Mapping):
         raise TypeError("preds and gts must both be mappings or both be sequences")
@@ -282,12 +337,7 @@ def exact_match_accuracy(
         pairs = list(zip(preds, gts))
     if not pairs:
         raise ValueError("nothing to evaluate")
-    correct = 0
-    for pred, gt in pairs:
-        accepted = [gt] if isinstance(gt, str) else list(gt)
-        norm = normalize_exact_match(pred)
-        correct += any(norm == normalize_exact_match(a) for a in accepted)
-    return 100.0 * correct / len(pairs)
+    return 100.0 * sum(exact_match(p, g) for p, g in pairs) / len(pairs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ the LM, like PEFT adapters.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from .config import EPALMConfig, check_model_path
 from .connectors import (
@@ -50,9 +52,11 @@ CONFIG_NAME = "epalm_config.json"
 
 
 @dataclass
-class EPALMOutput:
+class EPALMOutput(ModelOutput):
+    """``forward``'s result, a ``transformers`` ``ModelOutput``: ``out.loss``, ``out["loss"]``, ``out[0]``."""
+
     loss: torch.Tensor | None = None  # scalar training objective
-    logits: torch.Tensor | None = None  # (B, T, V) for the text positions only
+    logits: torch.Tensor | None = None  # (B, T, V) for the text positions only ((B, k, V) with logits_to_keep)
     loss_per_sample: torch.Tensor | None = None  # (B,) summed token cross-entropy
     num_label_tokens: torch.Tensor | None = None  # (B,)
 
@@ -138,35 +142,42 @@ class EPALM(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, config: EPALMConfig, device: str | torch.device | None = None) -> "EPALM":
-        """Load the frozen encoder and LM named by ``config`` and build fresh trainable parts."""
-        from transformers import AutoModelForCausalLM
+    def from_config(cls, config: EPALMConfig, device: str | torch.device | None = None, *,
+                    lm: nn.Module | None = None, encoder: nn.Module | None = None,
+                    base_dir: str | os.PathLike | None = None) -> "EPALM":
+        """Load the frozen encoder and LM named by ``config`` and build fresh trainable parts.
 
-        from .encoders import load_encoder
+        Names (see :func:`resolve_name`): a hub id, a registry weight (``weights:<name>``, converted
+        on first use) or a path (``./x`` / ``../x`` relative to ``base_dir``, the checkpoint).
+        ``lm`` / ``encoder``: models already loaded, used instead of the ones the config names.
+        """
+        if lm is None:
+            lm = load_lm(config, base_dir)
+        if encoder is None:
+            from .encoders import load_encoder
 
-        check_model_path(config.lm, "model.lm")
-        lm_kwargs = dict(config.lm_kwargs)
-        lm_kwargs.setdefault("attn_implementation", "sdpa")
-        for key in ("dtype", "torch_dtype"):
-            if isinstance(lm_kwargs.get(key), str):
-                lm_kwargs[key] = getattr(torch, lm_kwargs[key])
-        lm = AutoModelForCausalLM.from_pretrained(config.lm, **lm_kwargs)
-        encoder = load_encoder(config.encoder, num_layers=config.num_encoder_layers, **config.encoder_kwargs)
+            encoder = load_encoder(resolve_name(config.encoder, base_dir), num_layers=config.num_encoder_layers,
+                                   **config.encoder_kwargs)
         model = cls(lm, encoder, config)
         return model.to(device) if device is not None else model
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None, *,
+                        lm: nn.Module | None = None, encoder: nn.Module | None = None,
                         allow_code: bool = False, **config_overrides) -> "EPALM":
         """Rebuild the encoder + LM from the saved config and load the trainable weights.
 
+        Like PEFT's ``PeftModel.from_pretrained(base, path)``, ``lm`` / ``encoder`` may be models
+        already loaded; otherwise they are loaded from the names in ``epalm_config.json``
+        (relative paths resolve against ``path``, so the folder can be moved or copied).
         ``allow_code=True`` honours ``trust_remote_code`` (and other code-loading keys) of the saved
-        config; without it such a config is refused (see ``EPALMConfig.load``)."""
+        config; without it such a config is refused (see ``EPALMConfig.load``).
+        """
         path = Path(path)
         config = EPALMConfig.load(path / CONFIG_NAME, allow_code=allow_code)
         if config_overrides:
             config = EPALMConfig.from_dict({**config.to_dict(), **config_overrides})
-        model = cls.from_config(config, device=device)
+        model = cls.from_config(config, device=device, lm=lm, encoder=encoder, base_dir=path)
         model.load_trainable(path / WEIGHTS_NAME)
         return model
 
@@ -188,19 +199,43 @@ class EPALM(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"trainable": trainable, "total": total, "trainable_percent": 100.0 * trainable / max(total, 1)}
 
-    def save_pretrained(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    def save_pretrained(self, path: str | os.PathLike, processor=None, save_base_models: bool = False,
+                        encoder: nn.Module | None = None,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write ``epalm_config.json`` and the trainable weights (safetensors), each atomically.
 
+        The config names the LM and encoder portably (:func:`portable_name`): hub ids and registry
+        names as they are, local paths relative to ``path``, never an absolute path.
+        ``processor`` (an :class:`epalm.processor.EPALMProcessor`; default ``self.processor``, which
+        ``epalm train`` sets, so the Trainer's checkpoints carry it too) is saved alongside, so that
+        inference preprocesses media exactly as training did. ``save_base_models=True`` also writes
+        the frozen LM (``lm/``) and encoder (``encoder/``) into the folder (models that exist only
+        in memory, e.g. the tiny random ones of ``epalm tiny-demo``); ``encoder``: the frozen
+        encoder to save when this model runs on cached features (``self.encoder`` is None).
         ``state_dict``: the trainable weights to write instead of this model's own (the trainer's
-        gathered copy when the model is FSDP-sharded)."""
+        gathered copy when the model is FSDP-sharded).
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        config = dataclasses.replace(self.config, lm_kwargs=dict(self.config.lm_kwargs),
+                                     encoder_kwargs=dict(self.config.encoder_kwargs))
+        if save_base_models:
+            self.lm.save_pretrained(path / "lm")
+            config.lm = "./lm"
+            encoder = encoder if encoder is not None else self.encoder
+            if encoder is not None:
+                config.encoder = _save_encoder(encoder, path / "encoder")
+        config.lm = portable_name(config.lm, path)
+        config.encoder = portable_name(config.encoder, path)
         tensors = {k: v.contiguous().cpu() for k, v in (state_dict or self.trainable_state_dict()).items()}
         _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=self._weights_metadata()))
-        text = json.dumps(self.config.to_dict(), indent=2)
+        text = json.dumps(config.to_dict(), indent=2)
         _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        processor = processor if processor is not None else getattr(self, "processor", None)
+        if processor is not None:
+            processor.save_pretrained(path)
 
     def _weights_metadata(self) -> dict[str, str]:
         """Stored with the weights: the LM depth and injected layers they were trained for."""
@@ -337,10 +372,15 @@ class EPALM(nn.Module):
         return_logits: bool = True,
         media: torch.Tensor | None = None,
         text_states: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        last_logits_only: bool = False,
     ) -> EPALMOutput:
         """Next-token loss on ``labels`` (HF convention: aligned with ``input_ids``, -100 ignored).
 
         ``return_logits=False`` skips the LM head except where the loss needs it (training).
+        ``logits_to_keep=k`` (transformers' convention) returns the logits of the last ``k``
+        columns only; ``last_logits_only=True`` those of each row's last attended token
+        (``attention_mask``), ``(B, 1, V)``, so right-padded prompts decode without a loss or hook.
         ``text_states``: ``self.text_states(input_ids, attention_mask)`` computed earlier; the
         frozen layers below the first injected one are then skipped.
         """
@@ -349,27 +389,34 @@ class EPALM(nn.Module):
         state.start_hidden = text_states
         with self.engine.active(state), self._only_upper_layers(text_states is not None):
             out = self.engine.anatomy.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-        hidden = out.last_hidden_state[:, state.prefix_len:].contiguous()  # (B, T, d); contiguous: faster head
-        result = EPALMOutput()
-        if return_logits:
-            result.logits = self.lm_logits(hidden)
+        hidden = out.last_hidden_state[:, state.prefix_len:]  # (B, T, d)
+        logits = None
+        if last_logits_only:
+            text_mask = mask[:, state.prefix_len:]
+            last = (text_mask.long().cumsum(1).argmax(1)).clamp(min=0)  # each row's last attended column
+            logits = self.lm_logits(hidden[torch.arange(hidden.shape[0], device=hidden.device), last][:, None])
+        elif logits_to_keep:
+            logits = self.lm_logits(hidden[:, -int(logits_to_keep):].contiguous())
+        elif return_logits:
+            logits = self.lm_logits(hidden.contiguous())  # contiguous: faster head
+        loss = loss_per_sample = num_label_tokens = None
         if labels is not None:
             target = labels[:, 1:]
             valid = target != -100  # (B, T-1)
-            if result.logits is not None:
-                picked = result.logits[:, :-1][valid]
+            if logits is not None and logits.shape[1] == hidden.shape[1]:
+                picked = logits[:, :-1][valid]
             else:
                 picked = self.lm_logits(hidden[:, :-1][valid])  # head only where the loss needs it
             ce = F.cross_entropy(picked.float(), target[valid], reduction="none")
             rows = valid.nonzero()[:, 0]
-            per_sample = torch.zeros(ids.shape[0], device=ce.device, dtype=ce.dtype).index_add_(0, rows, ce)
-            result.loss_per_sample = per_sample
-            result.num_label_tokens = valid.sum(1)
+            loss_per_sample = torch.zeros(ids.shape[0], device=ce.device, dtype=ce.dtype).index_add_(0, rows, ce)
+            num_label_tokens = valid.sum(1)
             if self.config.loss_reduction == "official":
-                result.loss = per_sample.sum() / ids.shape[0] * 0.1
+                loss = loss_per_sample.sum() / ids.shape[0] * 0.1
             else:
-                result.loss = ce.sum() / valid.sum().clamp(min=1)
-        return result
+                loss = ce.sum() / valid.sum().clamp(min=1)
+        return EPALMOutput(loss=loss, logits=logits, loss_per_sample=loss_per_sample,
+                           num_label_tokens=num_label_tokens)
 
     # ------------------------------------------------------------------ reuse of the lower layers
     def _check_text_states_reusable(self) -> None:
@@ -457,6 +504,92 @@ class EPALM(nn.Module):
         with self.engine.active(state):
             out = self.lm.generate(input_ids=ids, attention_mask=mask, **generate_kwargs)
         return out[:, ids.shape[1]:]
+
+
+# ---------------------------------------------------------------------- portable names
+_NAME_PREFIXES = ("framewise:", "whisper-clip:")
+_CACHED_REGISTRY = {  # folder in $EPALM_CACHE -> registry name (checkpoints written before registry names)
+    "smollm2-135m-instruct": "weights:smollm2-135m-instruct",
+    "gemma3-270m": "weights:gemma3-270m",
+    "dinov2-small-imgfocus": "weights:dinov2-small",
+    "whisper-base-ct2": "weights:whisper-base",
+}
+
+
+def _split_prefix(name: str) -> tuple[str, str]:
+    for prefix in _NAME_PREFIXES:
+        if name.startswith(prefix):
+            inner_prefix, inner = _split_prefix(name[len(prefix):])
+            return prefix + inner_prefix, inner
+    return "", name
+
+
+def resolve_name(name: str, base_dir: str | os.PathLike | None = None) -> str:
+    """What loads a config name: ``./x`` / ``../x`` become ``base_dir/x``; other names are unchanged."""
+    prefix, inner = _split_prefix(name)
+    if inner.startswith(("./", "../")) and base_dir is not None:
+        inner = str((Path(base_dir) / inner).resolve())
+    return prefix + inner
+
+
+def portable_name(name: str, checkpoint: str | os.PathLike) -> str:
+    """The name ``epalm_config.json`` records: a hub id or registry name as it is, a converted
+    registry weight's cache folder as its registry name, any other local path relative to ``checkpoint``."""
+    prefix, inner = _split_prefix(name)
+    if not Path(inner).is_absolute():
+        return name
+    from .weights.cache import cache_dir
+
+    target = Path(inner).resolve()
+    try:
+        target.relative_to(cache_dir().resolve())
+        in_cache = True
+    except ValueError:
+        in_cache = False
+    if in_cache:
+        if target.name in _CACHED_REGISTRY:
+            return prefix + _CACHED_REGISTRY[target.name]
+        raise ValueError(f"{name}: a folder of the epalm cache is not portable; name the model by its hub id or "
+                         f"registry name (weights:...), or save it with save_pretrained(..., save_base_models=True)")
+    rel = os.path.relpath(target, Path(checkpoint).resolve())
+    return prefix + (rel if rel.startswith("..") else f"./{rel}")
+
+
+def load_lm(config: EPALMConfig, base_dir: str | os.PathLike | None = None) -> nn.Module:
+    """The frozen causal LM a config names (hub id, ``weights:<name>`` or a path)."""
+    from .weights.registry import is_registry_name, load_registry_lm
+
+    lm_kwargs = dict(config.lm_kwargs)
+    for key in ("dtype", "torch_dtype"):
+        if isinstance(lm_kwargs.get(key), str):
+            lm_kwargs[key] = getattr(torch, lm_kwargs[key])
+    if is_registry_name(config.lm):
+        dtype = lm_kwargs.get("dtype", lm_kwargs.get("torch_dtype"))
+        lm, _ = load_registry_lm(config.lm, **({"dtype": dtype} if dtype is not None else {}))
+        lm.config._attn_implementation = lm_kwargs.get("attn_implementation", "sdpa")
+        return lm
+    from transformers import AutoModelForCausalLM
+
+    lm_kwargs.setdefault("attn_implementation", "sdpa")
+    name = resolve_name(config.lm, base_dir)
+    check_model_path(name, "model.lm")
+    return AutoModelForCausalLM.from_pretrained(name, **lm_kwargs)
+
+
+def _save_encoder(encoder: nn.Module, folder: Path) -> str:
+    """Save a frozen encoder's backbone (transformers models) and return the name that reloads it."""
+    from .encoders import FrameWiseEncoder, WhisperClipEncoder
+
+    prefix = ""
+    if isinstance(encoder, FrameWiseEncoder):
+        prefix, encoder = "framewise:", encoder.image_encoder
+    if isinstance(encoder, WhisperClipEncoder):
+        prefix += "whisper-clip:"
+    backbone = getattr(encoder, "model", None)
+    if not hasattr(backbone, "save_pretrained"):
+        raise ValueError(f"cannot save a {type(backbone).__name__} encoder backbone; name it by its hub id instead")
+    backbone.save_pretrained(folder)
+    return prefix + "./" + folder.name
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -23,13 +23,17 @@ import yaml
 
 from .config import EPALMConfig, check_fields, check_model_path
 from .errors import ConfigError, RunDirError, UserError
-from .evaluate import GenerationConfig
+from .evaluate import DecodingConfig
+from .model import resolve_name
 from .train import TrainConfig, config_from_dict
 
-QA_METRIC = {"vqa_v2": "vqa", "vqa_v2_standard": "vqa", "gqa": "exact_match", "msrvtt_qa": "exact_match",
-             "msvd_qa": "exact_match"}
-CAPTION_DATASETS = {"coco", "msrvtt_caption", "audiocaps"}
-MODALITY = {"msrvtt_qa": "video", "msvd_qa": "video", "msrvtt_caption": "video", "audiocaps": "audio"}
+from .data.registry import DATASETS, get_dataset
+
+
+def __getattr__(name: str):  # derived from the dataset registry (epalm.data.registry), never a second copy
+    if name == "CAPTION_DATASETS":
+        return {n for n, spec in DATASETS.items() if spec.task == "caption"}
+    raise AttributeError(name)
 
 
 @dataclass
@@ -72,13 +76,13 @@ class DataConfig:
 class EvalConfig:
     metric: str | None = None  # None: from the dataset (vqa / exact_match / caption)
     batch_size: int = 64
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    generation: DecodingConfig = field(default_factory=DecodingConfig)
     html_examples: int = 100
     caption_metrics: list[str] | None = None  # None: all (BLEU, METEOR, ROUGE_L, CIDEr, SPICE)
 
     def __post_init__(self) -> None:
         if isinstance(self.generation, dict):
-            self.generation = GenerationConfig(**self.generation)
+            self.generation = DecodingConfig(**self.generation)
         check_fields(self, "eval", ranges={"batch_size": (">=", 1), "html_examples": (">=", 0)})
         check_fields(self.generation, "eval.generation",
                      ranges={"max_new_tokens": (">=", 1), "num_beams": (">=", 1), "top_k": (">=", 1),
@@ -94,13 +98,12 @@ class RunConfig:
 
     @property
     def task(self) -> str:
-        return "caption" if self.data.dataset in CAPTION_DATASETS else "qa"
+        return get_dataset(self.data.dataset).task
 
     def metric_kind(self) -> str:
         if self.eval.metric:
             return self.eval.metric
-        name = self.data.eval_dataset or self.data.dataset
-        return "caption" if name in CAPTION_DATASETS else QA_METRIC.get(name, "exact_match")
+        return get_dataset(self.data.eval_dataset or self.data.dataset).metric
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,8 +118,12 @@ _YAMLLoader.add_implicit_resolver(
     list("-+0123456789"))
 
 
-def _load_yaml(text: str):
+def load_yaml(text: str):
+    """YAML with the safe loader (and ``1e-3`` read as a float)."""
     return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+_load_yaml = load_yaml
 
 
 def _check_keys(data: dict, cls: type, where: str) -> None:
@@ -141,11 +148,11 @@ def run_config_from_dict(data: dict, source: str = "config") -> RunConfig:
     ev = data.get("eval", {})
     _check_keys(ev, EvalConfig, f"{source}: eval")
     gen = ev.pop("generation", {})
-    _check_keys(gen, GenerationConfig, f"{source}: eval.generation")
+    _check_keys(gen, DecodingConfig, f"{source}: eval.generation")
     try:
         return RunConfig(model=model, data=DataConfig(**data.get("data", {})),
                          train=config_from_dict(data.get("train", {}), source=f"{source}: train"),
-                         eval=EvalConfig(generation=GenerationConfig(**gen), **ev))
+                         eval=EvalConfig(generation=DecodingConfig(**gen), **ev))
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from err
 
@@ -181,86 +188,99 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
 
 
 # ------------------------------------------------------------------ building blocks
-def media_loader(cfg: RunConfig, for_cache: bool = False, dataset: str | None = None):
-    """The media loader of ``dataset``'s modality (no augmentation when filling a feature cache)."""
-    from .data import AudioLoader, ImageLoader, VideoLoader
+def processor_for(cfg: RunConfig, tokenizer=None, dataset: str | None = None):
+    """The recipe's :class:`~epalm.processor.EPALMProcessor` for ``dataset`` (default the training one):
+    the registry's default preprocessing of the dataset, overridden by the ``data`` section."""
     from .data.image import RELEASE_MEAN, RELEASE_STD
+    from .processor import EPALMProcessor, MediaConfig
 
-    dataset = dataset or cfg.data.dataset
-    modality = MODALITY.get(dataset, "image")
-    mean, std = cfg.data.mean or RELEASE_MEAN, cfg.data.std or RELEASE_STD
-    augment = cfg.data.augment and not for_cache
-    if modality == "image":
-        return ImageLoader(cfg.data.image_size, mean, std, augment=augment)
-    if modality == "video":
-        frames = cfg.data.num_frames or (16 if dataset in CAPTION_DATASETS else 8)
-        return VideoLoader(num_frames=frames, size=cfg.data.image_size, mean=mean, std=std, augment=augment)
-    return AudioLoader(cfg.data.audio_features, augment=augment)
+    d = cfg.data
+    spec = get_dataset(dataset or d.dataset)
+    media = {"image_size": d.image_size, "audio_features": d.audio_features, **spec.preprocessing}
+    media["image_size"] = d.image_size  # the data section's size wins (224 by default, as the paper)
+    media["mean"] = list(d.mean or spec.preprocessing.get("mean") or RELEASE_MEAN)
+    media["std"] = list(d.std or spec.preprocessing.get("std") or RELEASE_STD)
+    if d.num_frames is not None:
+        media["num_frames"] = d.num_frames
+    return EPALMProcessor(tokenizer, MediaConfig(modality=spec.modality, **media))
+
+
+def media_loader(cfg: RunConfig, for_cache: bool = False, dataset: str | None = None):
+    """The media loader of ``dataset``'s processor (no augmentation when filling a feature cache)."""
+    return processor_for(cfg, dataset=dataset).media_loader(augment=cfg.data.augment and not for_cache)
 
 
 def preprocessing_fingerprint(cfg: RunConfig) -> dict[str, Any]:
-    d = cfg.data
-    return {"modality": MODALITY.get(d.dataset, "image"), "image_size": d.image_size, "mean": d.mean,
-            "std": d.std, "num_frames": d.num_frames, "audio_features": d.audio_features}
+    return processor_for(cfg).fingerprint()
 
 
-def build_datasets(cfg: RunConfig, tokenizer, feature_lookup=None, max_length: int | None = None):
+def build_datasets(cfg: RunConfig, tokenizer, feature_lookup=None, max_length: int | None = None, processor=None):
     """(train, eval) datasets of the recipe. ``max_length``: text tokens the LM can take (see
     ``epalm.data.text.text_token_limit``); longer training texts are cut (answer kept), longer
-    evaluation prompts keep their end, leaving room for the generated tokens."""
+    evaluation prompts keep their end, leaving room for the generated tokens. ``processor``: a
+    checkpoint's (``epalm eval``), used for the evaluation media when its modality is the
+    evaluation dataset's."""
     from .data import CaptionDataset, VQADataset, load_samples
 
     d = cfg.data
     cls = CaptionDataset if cfg.task == "caption" else VQADataset
+    spec = get_dataset(d.dataset)
+    root = None if (d.root == DataConfig.root and spec.default_root) else d.root  # "data": the default layout
     common = dict(on_error=d.on_error, loss_on=d.loss_on, feature_lookup=feature_lookup)
     loader = None if feature_lookup is not None else media_loader(cfg)
-    train = cls(load_samples(d.dataset, d.root, d.train_split), tokenizer, split=d.train_split, train=True,
+    train = cls(load_samples(d.dataset, root, d.train_split), tokenizer, split=d.train_split, train=True,
                 media_loader=loader, fraction=d.fraction, num_samples=d.num_samples, seed=d.seed,
                 max_length=max_length, **common)
     eval_name = d.eval_dataset or d.dataset
-    eval_cls = CaptionDataset if eval_name in CAPTION_DATASETS else VQADataset
-    eval_samples = load_samples(eval_name, d.eval_root or d.root, d.eval_split)
-    eval_loader = None if feature_lookup is not None else media_loader(cfg, dataset=eval_name)
+    eval_cls = CaptionDataset if get_dataset(eval_name).task == "caption" else VQADataset
+    eval_samples = load_samples(eval_name, d.eval_root or root, d.eval_split)
+    eval_loader = None
+    if feature_lookup is None:
+        same = processor is not None and processor.media.modality == get_dataset(eval_name).modality
+        eval_loader = processor.media_loader(augment=False) if same else media_loader(cfg, dataset=eval_name)
     eval_length = None if max_length is None else max(2, max_length - cfg.eval.generation.max_new_tokens)
     evaluation = eval_cls(eval_samples, tokenizer, split=d.eval_split, train=False, media_loader=eval_loader,
                           num_samples=d.max_eval_samples, seed=d.seed, max_length=eval_length, **common)
     return train, evaluation
 
 
-def load_tokenizer(cfg: RunConfig):
-    from transformers import AutoTokenizer
+def load_tokenizer(cfg: RunConfig | EPALMConfig):
+    """The tokenizer of the LM a recipe (or a model config) names."""
+    from .processor import load_tokenizer as load
+    from .weights.registry import is_registry_name, load_registry_lm
 
-    check_model_path(cfg.model.lm, "model.lm")
-    tok = AutoTokenizer.from_pretrained(cfg.model.lm)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    lm = cfg.model.lm if isinstance(cfg, RunConfig) else cfg.lm
+    if is_registry_name(lm):
+        _, tok = load_registry_lm(lm)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        return tok
+    name = resolve_name(lm)
+    check_model_path(name, "model.lm")
+    return load(name)
 
 
 def build_feature_cache(cfg: RunConfig, encoder, datasets, progress: bool = True):
-    """Fill (or reuse, after checking its fingerprint) the frozen-encoder cache for ``datasets``."""
-    from .feature_cache import FeatureCache, IncompleteCacheError, encoder_fingerprint
+    """Fill (or reuse, after checking its fingerprint) the frozen-encoder cache for ``datasets``.
 
-    path = Path(cfg.data.feature_cache)
+    The one open-or-build policy (:func:`epalm.feature_cache.open_or_build`): a stale cache
+    (other encoder, weights or preprocessing) raises, never reused nor silently replaced.
+    """
+    from .feature_cache import encoder_fingerprint, open_or_build
+
     fingerprint = encoder_fingerprint(encoder, cfg.model.encoder, preprocessing_fingerprint(cfg),
                                       all_tokens=cfg.model.needs_all_tokens, token_layers=cfg.model.token_layers)
-    try:
-        return FeatureCache.open(path, fingerprint)  # a stale cache raises StaleCacheError: never reused
-    except FileNotFoundError:
-        pass
-    except IncompleteCacheError as err:  # caches are published complete: this one was damaged since
-        if path.exists():
-            raise IncompleteCacheError(f"{err} (data.feature_cache; delete the folder to rebuild it)") from err
     names = [cfg.data.dataset, cfg.data.eval_dataset or cfg.data.dataset]  # the (train, eval) datasets
     items = {}
     for k, ds in enumerate(datasets):  # each with the loader of its own modality (zero-shot video eval)
         loader = media_loader(cfg, for_cache=True, dataset=names[min(k, 1)])
         for sample in ds.samples:
             items.setdefault(str(sample.media_id), (sample.media_path, loader))
-    return FeatureCache.build(path, encoder,
-                              ((mid, (lambda p=p, f=f: f(p, False))) for mid, (p, f) in items.items()),
-                              fingerprint, batch_size=cfg.eval.batch_size, dtype=cfg.data.feature_cache_dtype,
-                              progress=progress, resume=True)
+    cache, _ = open_or_build(cfg.data.feature_cache, encoder,
+                             [(mid, (lambda p=p, f=f: f(p, False))) for mid, (p, f) in items.items()],
+                             fingerprint, batch_size=cfg.eval.batch_size, dtype=cfg.data.feature_cache_dtype,
+                             progress=progress)
+    return cache
 
 
 # what a training run keeps in its folder: ``epalm train`` never replaces them without --overwrite
@@ -319,6 +339,7 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, overw
     set_seed(cfg.train.seed)  # the connectors' initialisation must not depend on what ran before
     tokenizer = load_tokenizer(cfg)
     model = EPALM.from_config(cfg.model)
+    model.processor = processor_for(cfg, tokenizer)  # saved with every checkpoint (best/, checkpoint/)
     lookup = None
     if cfg.data.feature_cache and not cfg.data.augment:
         train_plain, eval_plain = build_datasets(cfg, tokenizer)
@@ -365,9 +386,16 @@ def run_eval(cfg: RunConfig, checkpoint: str | Path, out_dir: str | Path | None 
     from .data import make_collate_fn
     from .model import EPALM
 
+    from .processor import PROCESSOR_NAME, EPALMProcessor
+
     model = EPALM.from_pretrained(checkpoint)
     cfg = dataclasses.replace(cfg, model=model.config)
-    tokenizer = load_tokenizer(cfg)
-    _, eval_ds = build_datasets(cfg, tokenizer)
+    processor = None
+    if (Path(checkpoint) / PROCESSOR_NAME).is_file():  # the preprocessing and tokenizer saved with the weights
+        processor = EPALMProcessor.from_pretrained(checkpoint)
+        tokenizer = processor.tokenizer
+    else:
+        tokenizer = load_tokenizer(dataclasses.replace(cfg.model, lm=resolve_name(cfg.model.lm, checkpoint)))
+    _, eval_ds = build_datasets(cfg, tokenizer, processor=processor)
     out = Path(out_dir or Path(checkpoint) / "eval")
     return evaluate_and_write(cfg, model, eval_ds, make_collate_fn(tokenizer), tokenizer, out, progress)

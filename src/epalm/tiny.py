@@ -69,7 +69,7 @@ def tiny_model(variant: str = "epalm", seed: int = 0, family: str = "opt"):
     vit = ViTModel(ViTConfig(hidden_size=24, num_hidden_layers=3, num_attention_heads=2, intermediate_size=48,
                              image_size=16, patch_size=8), add_pooling_layer=False)
     return EPALM(lm.eval(), wrap_hf_encoder(vit.eval(), num_layers=2),
-                 EPALMConfig(lm="tiny", encoder="tiny", variant=variant, num_encoder_layers=2))
+                 EPALMConfig(lm="./lm", encoder="./encoder", variant=variant, num_encoder_layers=2))
 
 
 def accuracy(model, dataset: ColourDataset) -> float:
@@ -92,6 +92,6 @@ def run(output_dir: str = "runs/tiny-demo", variant: str = "epalm", epochs: int 
                       optim=OptimConfig(lr=1e-2, warmup_lr=3e-3, min_lr=1e-3, prompt_lr=1e-2))
     Trainer(model, train, collate, cfg).train()
     after = accuracy(model, test)
-    model.save_pretrained(f"{output_dir}/final")
+    model.save_pretrained(f"{output_dir}/final", save_base_models=True)  # random models: saved with the weights
     return {"accuracy_before": before, "accuracy_after": after, "chance": 1 / 3,
             "trainable_parameters": model.parameter_report()["trainable"], "output_dir": output_dir}

@@ -170,20 +170,30 @@ class ASTFeatures:
 
 
 class WhisperFeatures:
-    """Waveform -> Whisper log-mel input (feature_size, 3000) via ``WhisperFeatureExtractor``."""
+    """Waveform -> Whisper log-mel input (feature_size, 3000) via ``WhisperFeatureExtractor``.
 
-    def __init__(self, feature_size: int = 80, sampling_rate: int = 16000) -> None:
+    ``context_frames`` (even, < 3000): the clip is cut or zero-padded to ``context_frames * 10`` ms
+    and only that many frames are returned, for a :class:`~epalm.encoders.WhisperClipEncoder`.
+    """
+
+    def __init__(self, feature_size: int = 80, sampling_rate: int = 16000, context_frames: int | None = None) -> None:
         from transformers import WhisperFeatureExtractor
 
         self.extractor = WhisperFeatureExtractor(feature_size=feature_size, sampling_rate=sampling_rate)
         self.sampling_rate = sampling_rate
+        self.context_frames = context_frames
 
     def __call__(
         self, waveform: torch.Tensor, sr: int, train: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         wav = resample(waveform.float(), sr, self.sampling_rate)
-        feats = self.extractor(wav.numpy(), sampling_rate=self.sampling_rate, return_tensors="np")["input_features"][0]
-        return torch.from_numpy(np.asarray(feats, dtype=np.float32))
+        if self.context_frames is None:
+            feats = self.extractor(wav.numpy(), sampling_rate=self.sampling_rate, return_tensors="np")["input_features"][0]
+            return torch.from_numpy(np.asarray(feats, dtype=np.float32))
+        n = self.context_frames * self.extractor.hop_length
+        feats = self.extractor(wav[:n].numpy(), sampling_rate=self.sampling_rate, return_tensors="np",
+                               padding="max_length", max_length=n, truncation=True)["input_features"][0]
+        return torch.from_numpy(np.asarray(feats, dtype=np.float32)[:, :self.context_frames])
 
 
 class AudioLoader:

@@ -29,7 +29,6 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset
 
-from . import readers
 from .errors import MediaError
 from .records import CaptionSample, QASample
 from .text import DEFAULT_SEPARATOR, encode_example, encode_prompt, truncate_prompt, vqa_prompt
@@ -384,66 +383,15 @@ class CaptionDataset(_MediaTextDataset):
 
 
 # --------------------------------------------------------------------------- named datasets
-
-
-def _first_existing(*paths: Path) -> Path:
-    for p in paths:
-        if p.is_file():
-            return p
-    raise FileNotFoundError(f"none of these annotation files exists: {', '.join(str(p) for p in paths)}")
-
-
-def load_samples(name: str, root: str | Path, split: str) -> list[QASample] | list[CaptionSample]:
-    """Read a benchmark from the release's ``data/`` layout (see :mod:`epalm.data.readers`).
+def load_samples(name: str, root: str | Path | None, split: str, **options: Any) -> list[QASample] | list[CaptionSample]:
+    """Read a registered dataset (:mod:`epalm.data.registry`; the benchmarks in the release's
+    ``data/`` layout, see :mod:`epalm.data.readers`).
 
     ``name``: ``vqa_v2`` (Karpathy files ``vqa/<split>.json``, e.g. ``karpathy_train``),
     ``vqa_v2_standard`` (``split`` = ``train``/``val``/``test``), ``gqa``, ``coco``,
-    ``msrvtt_qa``, ``msvd_qa``, ``msrvtt_caption``, ``audiocaps``. For other layouts call the
-    readers directly.
+    ``msrvtt_qa``, ``msvd_qa``, ``msrvtt_caption``, ``audiocaps``, ``easy_vqa``, ``drumkits``,
+    ``tuxpaint``, or any dataset added with :func:`epalm.data.registry.register`.
     """
-    root = Path(root)
-    if name == "vqa_v2":
-        return readers.read_vqa_karpathy(
-            root / "vqa" / f"{split}.json", root / "COCO" / "images", vg_root=root / "VG" / "VG_100K"
-        )
-    if name == "vqa_v2_standard":
-        sub = {"train": "train2014", "val": "val2014", "test": "test2015", "test-dev": "test-dev2015"}.get(split, split)
-        q = root / "vqa" / f"v2_OpenEnded_mscoco_{sub}_questions.json"
-        a = root / "vqa" / f"v2_mscoco_{sub}_annotations.json"
-        return readers.read_vqa_v2(q, a if a.is_file() else None, root / "COCO" / "images")
-    if name == "gqa":
-        q = _first_existing(
-            root / "GQA" / "questions" / f"{split}_balanced_questions.json", root / "GQA" / f"{split}.json"
-        )
-        return readers.read_gqa(q, root / "GQA" / "images")
-    if name == "coco":
-        return readers.read_coco_karpathy(root / "COCO" / "dataset_coco.json", root / "COCO" / "images", split)
-    if name == "msrvtt_qa":
-        return readers.read_msrvtt_qa(
-            root / "MSRVTT" / "annotation" / f"msrvtt_vqa_{split}.json", root / "MSRVTT" / "videos" / "all"
-        )
-    if name == "msvd_qa":
-        mapping = root / "MSVD" / "youtube_mapping.txt"
-        return readers.read_msvd_qa(
-            root / "MSVD" / "annotation" / f"msvd_vqa_{split}.json",
-            root / "MSVD" / "videos" / "all",
-            video_name_map=mapping if mapping.is_file() else None,
-        )
-    if name == "msrvtt_caption":
-        release = root / "MSRVTT" / "annotation" / f"msrvtt_caption_{split}.json"
-        if release.is_file():
-            return readers.read_msrvtt_captions(release, root / "MSRVTT" / "videos" / "all")
-        info = _first_existing(
-            root / "MSRVTT" / "train_val_videodatainfo.json", root / "MSRVTT" / "test_videodatainfo.json"
-        )
-        return readers.read_msrvtt_captions(info, root / "MSRVTT" / "videos" / "all", split)
-    if name == "audiocaps":
-        release = root / "audiocaps" / "annotation" / f"audiocaps_caption_{split}.json"
-        if release.is_file():
-            return readers.read_audiocaps(release, root / "audiocaps" / "audios")
-        csv_path = _first_existing(root / "audiocaps" / "dataset" / f"{split}.csv", root / "audiocaps" / f"{split}.csv")
-        return readers.read_audiocaps(csv_path, root / "audiocaps" / "audios" / split)
-    raise ValueError(
-        f"unknown dataset {name!r}; expected one of vqa_v2, vqa_v2_standard, gqa, coco, msrvtt_qa, msvd_qa, "
-        "msrvtt_caption, audiocaps"
-    )
+    from .registry import load_samples as load
+
+    return load(name, root, split, **options)

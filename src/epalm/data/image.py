@@ -43,8 +43,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _BICUBIC = Image.Resampling.BICUBIC
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode an image fully (truncated files fail here, not later) and convert it to RGB.
+def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
+    """Decode an image fully (truncated files fail here, not later) and convert it to ``mode`` (RGB).
 
     16-bit images are scaled to 8 bits (PIL's ``convert`` would clip them: 20000 -> 255). An
     image over PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``, a possible decompression bomb) is a
@@ -58,7 +58,7 @@ def load_image(path: str | Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
-                return _to_rgb(img)
+                return _to_rgb(img) if mode == "RGB" else img.convert(mode)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise MediaError(path, f"image too large, refused as a possible decompression bomb ({e})") from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
@@ -74,6 +74,27 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
         return gray.convert("RGB")
     return img.convert("RGB")
+
+
+def load_image_on_white(path: str | Path) -> Image.Image:
+    """Decode an image as RGB with its transparent pixels made white (e.g. Tux Paint stamps)."""
+    rgba = load_image(path, "RGBA")
+    canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    canvas.alpha_composite(rgba)
+    return canvas.convert("RGB")
+
+
+def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Centre ``img`` on a square canvas of its longer side (aspect ratio kept)."""
+    side = max(img.size)
+    if img.size == (side, side):
+        return img
+    square = Image.new("RGB", (side, side), fill)
+    square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    return square
+
+
+RESIZE_RULES = ("bicubic", "pad-square")
 
 
 def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -336,7 +357,8 @@ class RandAugment:
 
 
 class ImageTransform:
-    """Eval: bicubic resize to ``size`` x ``size``. Train (the release's recipe): random resized
+    """Eval: bicubic resize to ``size`` x ``size`` (``resize="pad-square"``: after padding the image
+    to a white square, keeping its aspect ratio). Train (the release's recipe): random resized
     crop (scale 0.5-1), horizontal flip, RandAugment(2, 7). Both end with the encoder's mean/std.
 
     ``__call__`` takes one PIL image, or a list of frames that then share one draw of the random
@@ -353,7 +375,11 @@ class ImageTransform:
         crop_scale: tuple[float, float] = (0.5, 1.0),
         hflip: bool = True,
         randaugment: RandAugment | None = None,
+        resize: str = "bicubic",
     ) -> None:
+        if resize not in RESIZE_RULES:
+            raise ValueError(f"resize must be one of {RESIZE_RULES}, got {resize!r}")
+        self.resize = resize
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.mean, self.std, self.train = tuple(mean), tuple(std), train
         self.crop_scale, self.hflip = crop_scale, hflip
@@ -365,6 +391,8 @@ class ImageTransform:
         frames = [image] if isinstance(image, Image.Image) else list(image)
         if not frames:
             raise ValueError("ImageTransform got no image")
+        if self.resize == "pad-square":  # white square around the image, then the same resize
+            frames = [pad_to_square(f) for f in frames]
         w_h = self.size[1], self.size[0]  # PIL wants (width, height)
         if self.train:
             box = random_resized_crop_params(*frames[0].size, scale=self.crop_scale, generator=generator)
@@ -385,7 +413,10 @@ class ImageTransform:
 
 
 class ImageLoader:
-    """Media loader for images: ``loader(path, train) -> (3, size, size)`` float tensor."""
+    """Media loader for images: ``loader(path, train) -> (3, size, size)`` float tensor.
+
+    ``background="white"`` composites transparent pixels on white before anything else.
+    """
 
     modality = "image"
 
@@ -396,12 +427,17 @@ class ImageLoader:
         std: Sequence[float] = RELEASE_STD,
         *,
         augment: bool = True,
+        resize: str = "bicubic",
+        background: str | None = None,
     ) -> None:
-        self.eval_transform = ImageTransform(size, mean, std, train=False)
-        self.train_transform = ImageTransform(size, mean, std, train=True)
+        if background not in (None, "white"):
+            raise ValueError(f"background must be None or 'white', got {background!r}")
+        self.eval_transform = ImageTransform(size, mean, std, train=False, resize=resize)
+        self.train_transform = ImageTransform(size, mean, std, train=True, resize=resize)
         self.augment = augment
+        self.background = background
 
     def __call__(self, path: str | Path, train: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-        img = load_image(path)
+        img = load_image_on_white(path) if self.background == "white" else load_image(path)
         t = self.train_transform if (train and self.augment) else self.eval_transform
         return t(img, generator=generator)

@@ -21,6 +21,7 @@ import subprocess
 from pathlib import Path
 
 from .errors import AnnotationError, MediaError
+from .image import load_image_on_white
 from .records import CaptionSample
 
 __all__ = [
@@ -97,14 +98,4 @@ def render_svg(svg: str | Path, png: str | Path, size: int = 256) -> Path:
 
 def composite_on_white(path: str | Path):
     """Open a stamp as RGB with its transparent background made white (what Tux Paint's canvas shows)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            rgba = img.convert("RGBA")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise MediaError(path, f"unreadable image ({type(err).__name__}: {err})") from err
-    canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    canvas.alpha_composite(rgba)
-    return canvas.convert("RGB")
+    return load_image_on_white(path)

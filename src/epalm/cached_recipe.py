@@ -1,0 +1,586 @@
+"""The cached-features recipe: one procedure behind ``epalm quickstart``, ``quickstart-audio``,
+``quickstart-caption`` and any ``epalm train`` config with a ``cached:`` section.
+
+1. read the dataset's train and test splits through the registry (:mod:`epalm.data.registry`);
+2. build the processor (the dataset's default preprocessing + the config's ``media`` overrides);
+3. cache the frozen encoder's features of every media file (:func:`epalm.feature_cache.open_or_build`,
+   fingerprinted by the processor);
+4. compute, once per distinct token sequence, the frozen LM layers below the first injected one
+   (:class:`TextStates`; variants without soft prompt or adapters);
+5. train the connectors with :class:`epalm.train.Trainer` (only the injected layers run);
+6. evaluate: greedy decoding through the upper layers (:func:`greedy_decode`, identical to
+   ``EPALM.generate`` greedy) or beam search with ``generate``; the metric is the dataset's
+   (exact match, or COCO caption metrics), broken down by any sample attribute (``group_by``);
+7. measure the blind baseline the same way: same LM, prompt, recipe and decoding, all-zero features;
+8. write ``metrics.json``, ``predictions.json``, ``curves.png`` (``blind/curves.png``),
+   ``examples.html`` and ``model/`` (weights + processor: ``EPALM.from_pretrained`` and
+   ``EPALMProcessor.from_pretrained`` load it anywhere; ``epalm predict`` / ``epalm demo`` answer
+   as this evaluation did).
+
+A run is a :class:`CachedRunConfig` (a dataclass, or the ``cached:`` section of a YAML) plus a
+dataset reader; :class:`RunParts` injects already-loaded models (the tests use tiny ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import EPALMConfig
+from .data.registry import DatasetSpec, get_dataset
+from .data.text import encode_example, pad_sequences, pad_token_id_of
+from .feature_cache import encoder_fingerprint, open_or_build
+from .io import atomic_write_json
+from .metrics import exact_match, grouped_exact_match
+from .model import EPALM
+from .processor import EPALMProcessor, MediaConfig, PromptTemplate, dataclass_from_dict
+
+__all__ = ["CachedRunConfig", "RunParts", "TextStates", "greedy_decode", "load_parts", "run_cached",
+           "resolve_device", "use_bf16", "cached_config_from_dict", "is_cached_config", "load_cached_config"]
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class CachedRunConfig:
+    """Everything a cached-features run needs; every field is a YAML key of the ``cached:`` section."""
+
+    dataset: str = "easy_vqa"
+    root: str | None = None  # default: the dataset's (installed package)
+    dataset_options: dict = field(default_factory=dict)  # reader options (seed, test_fraction, include_svg, ...)
+    train_split: str = "train"
+    test_split: str = "test"
+    num_test: int | None = None  # seeded sample of the test split (None: all of it)
+    output_dir: str = "runs/cached"
+    seed: int = 0
+    device: str = "auto"  # "auto": CUDA when available, else CPU
+    threads: int | None = None
+    # models: hub ids, registry names (weights:...) or paths
+    lm: str = "weights:smollm2-135m-instruct"
+    encoder: str = "weights:dinov2-small"
+    encoder_kwargs: dict = field(default_factory=dict)  # e.g. {"image_size": 56}, {"context_frames": 400}
+    media: dict = field(default_factory=dict)  # MediaConfig overrides of the dataset's defaults
+    # the model
+    variant: str = "lin"
+    num_encoder_layers: int = 6
+    inject_start: int | None = None
+    inject_end: int | None = None
+    prompt_len: int | None = None  # None: 0 (soft prompts train below the cached layers)
+    # training
+    lr: float = 2e-2
+    batch_size: int = 16
+    steps: int | None = 800  # optimizer steps; None: ``epochs`` full passes
+    epochs: int | None = None
+    blind_steps: int | None = None  # default: as steps (or epochs)
+    bucket: bool = False  # batches of similar text length, formed once, shuffled each epoch (captions)
+    max_length: int | None = None  # truncate training texts (tokens)
+    bf16: str = "auto"  # training autocast: "auto" | "on" | "off"
+    log_every: int | None = 10  # None: twice per epoch
+    # evaluation
+    max_new_tokens: int = 4
+    num_beams: int = 1  # 1: greedy through the cached upper layers; >1: beam search with generate
+    eval_batch_size: int = 128
+    group_by: str | None = None  # sample attribute for per-group metrics (None: the dataset's)
+    caption_metrics: list[str] = field(default_factory=lambda: ["BLEU", "ROUGE_L", "CIDEr"])
+    blind: bool = True
+    html_examples: int = 100
+    # caches
+    cache_dir: str | None = None  # feature caches (default $EPALM_CACHE/features)
+    feature_batch_size: int = 64
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bf16 not in ("auto", "on", "off"):
+            raise ValueError(f"bf16 must be 'auto', 'on' or 'off', got {self.bf16!r}")
+        if self.steps is None and self.epochs is None:
+            raise ValueError("set steps or epochs")
+        if self.num_beams < 1 or self.max_new_tokens < 1:
+            raise ValueError("num_beams and max_new_tokens must be >= 1")
+
+
+def cached_config_from_dict(data: dict, source: str = "cached") -> CachedRunConfig:
+    return dataclass_from_dict(CachedRunConfig, data, source)
+
+
+def is_cached_config(path: str | Path) -> bool:
+    """Whether a YAML file is a cached-features recipe (a top-level ``cached:`` section)."""
+    from .recipe import load_yaml
+
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        data = load_yaml(path.read_text())
+    except Exception:  # the regular loader reports YAML errors with the file name
+        return False
+    return isinstance(data, dict) and "cached" in data
+
+
+def load_cached_config(path: str | Path, overrides: list[str] | None = None) -> CachedRunConfig:
+    """``cached:`` section of a YAML (``cached.key=value`` overrides) -> :class:`CachedRunConfig`."""
+    from .recipe import apply_overrides, load_yaml
+
+    path = Path(path)
+    data = load_yaml(path.read_text()) or {}
+    unknown = sorted(set(data) - {"cached"})
+    if unknown:
+        raise ValueError(f"{path}: a cached-features recipe has only a 'cached' section, found {unknown}")
+    data = apply_overrides(data, overrides or [])
+    return cached_config_from_dict(data.get("cached") or {}, source=f"{path}: cached")
+
+
+@dataclass
+class RunParts:
+    """Models already loaded (tests inject tiny ones). ``lm_name`` / ``encoder_name`` are what the
+    checkpoint records; ``None`` saves the model itself into the checkpoint (``save_base_models``)."""
+
+    lm: Any
+    tokenizer: Any
+    encoder: Any
+    lm_name: str | None = None
+    encoder_name: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def load_parts(cfg: CachedRunConfig) -> RunParts:
+    """The LM, tokenizer and encoder the config names."""
+    from .encoders import load_encoder
+    from .model import load_lm
+    from .processor import load_tokenizer
+    from .weights.registry import is_registry_name, load_registry_lm
+
+    if is_registry_name(cfg.lm):
+        lm, tokenizer = load_registry_lm(cfg.lm)
+    else:
+        lm, tokenizer = load_lm(EPALMConfig(lm=cfg.lm)), load_tokenizer(cfg.lm)
+    lm.config._attn_implementation = "sdpa"
+    encoder = load_encoder(cfg.encoder, num_layers=cfg.num_encoder_layers, **cfg.encoder_kwargs)
+    return RunParts(lm, tokenizer, encoder, cfg.lm, cfg.encoder)
+
+
+# ----------------------------------------------------------------------------------- helpers
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def use_bf16(setting: str, device: torch.device) -> bool:
+    """``"on"``/``"off"``, or ``"auto"``: CUDA with bf16, or a CPU with AVX512-BF16 / AMX."""
+    if setting != "auto":
+        return setting == "on"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(cpu, probe, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except Exception:  # pragma: no cover - private API
+            pass
+    return False
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def peak_rss_mb() -> float | None:
+    try:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(kb / 1024 if sys.platform != "darwin" else kb / 2**20, 1)
+    except Exception:  # pragma: no cover - non-POSIX
+        return None
+
+
+def group_value(sample: Any, key: str) -> Any:
+    """``sample.<key>``; ``"answer"`` is the first reference answer."""
+    if key == "answer":
+        return sample.answers[0] if sample.answers else None
+    return getattr(sample, key, None)
+
+
+# ----------------------------------------------------------------------------------- text states
+class TextStates:
+    """Lower-layer LM states per distinct token sequence (media-independent), computed on demand."""
+
+    def __init__(self, model, pad_id: int, device: torch.device, bf16: bool, batch_size: int = 64) -> None:
+        self.model, self.pad_id, self.device, self.bf16, self.batch_size = model, pad_id, device, bf16, batch_size
+        self.states: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def ensure(self, keys, progress: bool = False, desc: str = "text states") -> None:
+        from tqdm.auto import tqdm
+
+        todo = sorted({tuple(k) for k in keys if tuple(k) not in self.states}, key=len)
+        bar = tqdm(total=len(todo), desc=desc, unit="seq", disable=not progress or not todo, dynamic_ncols=True)
+        for b in range(0, len(todo), self.batch_size):
+            chunk = todo[b:b + self.batch_size]
+            ids, mask = pad_sequences(chunk, self.pad_id)
+            with torch.no_grad(), _autocast(self.device, self.bf16):
+                st = self.model.text_states(ids.to(self.device), mask.to(self.device))
+            prefix = st.shape[1] - ids.shape[1]
+            for i, k in enumerate(chunk):
+                self.states[k] = st[i, :prefix + len(k)].float().clone()
+            bar.update(len(chunk))
+        bar.close()
+
+    def batch(self, keys: Sequence[tuple[int, ...]], length: int) -> torch.Tensor:
+        keys = [tuple(k) for k in keys]
+        self.ensure(keys)
+        first = self.states[keys[0]]
+        prefix = first.shape[0] - len(keys[0])
+        out = first.new_zeros(len(keys), prefix + length, first.shape[-1])
+        for i, k in enumerate(keys):
+            out[i, :prefix + len(k)] = self.states[k]
+        return out
+
+
+@torch.no_grad()
+def greedy_decode(model, prompts: Sequence[Sequence[int]], features: torch.Tensor, states: TextStates,
+                  eos_id: int, max_new_tokens: int, batch_size: int = 128, progress: bool = False,
+                  desc: str = "evaluate", bf16: bool = False) -> list[list[int]]:
+    """Greedy decoding through the upper layers only: exactly ``model.generate(num_beams=1)``.
+
+    Each step runs the injected layers over the whole (short) sequence, starting from the cached
+    lower-layer states of that sequence; ``forward(last_logits_only=True)`` applies the LM head
+    at each row's last token only.
+    """
+    from tqdm.auto import tqdm
+
+    n = len(prompts)
+    seqs = [list(p) for p in prompts]
+    new: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
+    device = features.device
+    bar = tqdm(total=n, desc=desc, unit="q", disable=not progress, dynamic_ncols=True)
+    for _ in range(max_new_tokens):
+        active = [i for i in range(n) if not done[i]]
+        if not active:
+            break
+        for b in range(0, len(active), batch_size):
+            rows = active[b:b + batch_size]
+            keys = [tuple(seqs[i]) for i in rows]
+            ids, mask = pad_sequences(keys, states.pad_id)
+            ts = states.batch(keys, ids.shape[1])
+            with _autocast(device, bf16):
+                out = model(features=features[rows], input_ids=ids.to(device), attention_mask=mask.to(device),
+                            text_states=ts, last_logits_only=True)
+            tokens = out.logits[:, -1].float().argmax(-1).tolist()  # softcapping keeps the argmax
+            for i, t in zip(rows, tokens):
+                if t == eos_id:
+                    done[i] = True
+                else:
+                    seqs[i].append(t)
+                    new[i].append(t)
+                    if len(new[i]) >= max_new_tokens:
+                        done[i] = True
+                if done[i]:
+                    bar.update(1)
+    bar.update(n - bar.n)
+    bar.close()
+    return new
+
+
+# ----------------------------------------------------------------------------------- the procedure
+def build_processor(cfg: CachedRunConfig, spec: DatasetSpec, tokenizer) -> EPALMProcessor:
+    media = {**spec.preprocessing, **cfg.media}
+    return EPALMProcessor(tokenizer, MediaConfig(modality=spec.modality, **media), PromptTemplate(),
+                          decoding={"num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens})
+
+
+def _features(cfg: CachedRunConfig, parts: RunParts, processor: EPALMProcessor, media: dict[str, Path],
+              device: torch.device, log: Log) -> tuple[torch.Tensor, dict[str, int], dict[str, Any]]:
+    """All media's encoder features (from the cache, built on first use): ``(N, k, d)`` float32 on device."""
+    from .weights.cache import cache_dir
+
+    name = parts.encoder_name or type(getattr(parts.encoder, "model", parts.encoder)).__name__
+    fingerprint = encoder_fingerprint(parts.encoder, name, processor.fingerprint())
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in name.removeprefix("weights:"))[-40:]
+    root = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir() / "features"
+    path = root / f"{cfg.dataset}-{slug}-k{parts.encoder.num_layers}-{digest}"
+    t0 = time.perf_counter()
+    load = processor.media_loader(augment=False)
+    items = [(m, (lambda p=p: load(p, False))) for m, p in media.items()]
+    log(f"features of {len(items)} media files -> {path}")
+    # float32 storage: the features are those the encoder computes at inference (predict / demo)
+    cache, reused = open_or_build(path, parts.encoder, items, fingerprint, rebuild_stale=True,
+                                  batch_size=cfg.feature_batch_size, device=device, progress=cfg.progress,
+                                  dtype="float32")
+    ids = list(media)
+    feats = cache.get_batch(ids, device=device, dtype=torch.float32)
+    info = {"path": str(path), "reused": reused, "seconds": round(time.perf_counter() - t0, 1), "items": len(ids)}
+    return feats, {m: i for i, m in enumerate(ids)}, info
+
+
+def _build_model(cfg: CachedRunConfig, parts: RunParts, encoder_dim: int, device: torch.device) -> EPALM:
+    extra = {} if cfg.variant == "lin" else {"prompt_len": cfg.prompt_len or 0}
+    config = EPALMConfig(lm=parts.lm_name or "./lm", encoder=parts.encoder_name or "./encoder", variant=cfg.variant,
+                         num_encoder_layers=cfg.num_encoder_layers, inject_start=cfg.inject_start,
+                         inject_end=cfg.inject_end, encoder_kwargs=dict(cfg.encoder_kwargs), **extra)
+    torch.manual_seed(cfg.seed)
+    return EPALM(parts.lm, None, config, encoder_dim=encoder_dim).to(device)
+
+
+def _train(cfg: CachedRunConfig, model: EPALM, encoded: list[tuple[tuple[int, ...], tuple[int, ...], int]],
+           feats: torch.Tensor, states: TextStates, out_dir: Path, blind: bool, device: torch.device,
+           bf16: bool, pad_id: int) -> dict[str, Any]:
+    import csv
+
+    from .train import OptimConfig, TrainConfig, Trainer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.csv", "eval.csv", "curves.png"):  # the Trainer appends: start the curves afresh
+        (out_dir / name).unlink(missing_ok=True)
+
+    def collate(indices: list[int]) -> dict:
+        keys = [encoded[i][0] for i in indices]
+        ids, mask = pad_sequences(keys, pad_id)
+        labels, _ = pad_sequences([encoded[i][1] for i in indices], -100)
+        f = feats[[encoded[i][2] for i in indices]]
+        if blind:
+            f = torch.zeros_like(f)
+        return {"features": f, "input_ids": ids.to(device), "attention_mask": mask.to(device),
+                "labels": labels.to(device), "text_states": states.batch(keys, ids.shape[1])}
+
+    items: list = list(range(len(encoded)))
+    batch_size = cfg.batch_size
+    per_epoch = math.ceil(len(encoded) / batch_size)
+    if cfg.bucket:  # batches of similar length, formed once (the Trainer shuffles their order each epoch)
+        rng = random.Random(cfg.seed)
+        order = sorted(items, key=lambda i: (len(encoded[i][0]), rng.random()))
+        items = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+        collate, batch_size = (lambda batches, base=collate: base(batches[0])), 1
+    steps = cfg.blind_steps if (blind and cfg.blind_steps is not None) else cfg.steps
+    epochs = cfg.epochs if steps is None else max(1, math.ceil(steps / per_epoch))
+    tcfg = TrainConfig(output_dir=str(out_dir), epochs=epochs, batch_size=batch_size, seed=cfg.seed, max_steps=steps,
+                       log_every=cfg.log_every or max(1, per_epoch // 2), cpu=device.type == "cpu",
+                       mixed_precision="bf16" if bf16 else "no",
+                       num_workers=0,  # in-memory features and text states: no loader processes
+                       optim=OptimConfig(lr=cfg.lr, warmup_lr=cfg.lr / 10, min_lr=cfg.lr / 100))
+    t0 = time.perf_counter()
+    Trainer(model, items, collate, tcfg).train()
+    seconds = time.perf_counter() - t0
+    import shutil
+
+    shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # optimizer state: not needed afterwards
+    rows = list(csv.DictReader((out_dir / "metrics.csv").open())) if (out_dir / "metrics.csv").exists() else []
+    done = steps if steps is not None else epochs * per_epoch
+    return {"steps": done, "batch_size": cfg.batch_size, "epochs": epochs, "seconds": round(seconds, 1),
+            "final_loss": float(rows[-1]["loss"]) if rows else None}
+
+
+def decode(cfg: CachedRunConfig, model: EPALM, processor: EPALMProcessor, prompts: list[tuple[int, ...]],
+           feats: torch.Tensor, states: TextStates, desc: str = "evaluate") -> list[str]:
+    """The evaluation's decoding (greedy through the cached upper layers, or beam search), in fp32."""
+    tok = processor.tokenizer
+    if cfg.num_beams == 1:
+        new = greedy_decode(model, prompts, feats, states, tok.eos_token_id, cfg.max_new_tokens,
+                            cfg.eval_batch_size, cfg.progress, desc=desc)
+    else:
+        new = []
+        model.eval()
+        for b in range(0, len(prompts), cfg.eval_batch_size):
+            chunk = prompts[b:b + cfg.eval_batch_size]
+            ids, mask = pad_sequences(chunk, processor.pad_token_id, side="left")
+            with torch.no_grad():
+                out = model.generate(features=feats[b:b + len(chunk)], input_ids=ids.to(feats.device),
+                                     attention_mask=mask.to(feats.device), max_new_tokens=cfg.max_new_tokens,
+                                     num_beams=cfg.num_beams, do_sample=False, pad_token_id=processor.pad_token_id,
+                                     eos_token_id=tok.eos_token_id)
+            new += out.tolist()
+    return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+
+
+def _evaluate(cfg, model, processor, spec, test, feats, row, states, blind: bool) -> list[dict]:
+    prompts = [tuple(processor.encode_prompt(getattr(s, "question", ""))) for s in test]
+    if blind:  # no media: the output depends on the prompt only, so decode each distinct prompt once
+        unique = list(dict.fromkeys(prompts))
+        zeros = feats.new_zeros((len(unique), *feats.shape[1:]))
+        by_prompt = dict(zip(unique, decode(cfg, model, processor, unique, zeros, states, "evaluate blind")))
+        texts = [by_prompt[p] for p in prompts]
+    else:
+        texts = decode(cfg, model, processor, prompts, feats[[row[s.media_id] for s in test]], states)
+    rows = []
+    for s, t in zip(test, texts):
+        r = {"sample_id": s.id, "media_id": s.media_id, "media_path": str(s.media_path), "prediction": t}
+        if spec.task == "qa":
+            r.update(question=s.question, answers=list(s.answers), answer_type=s.answer_type)
+        else:
+            r.update(question="", references=list(s.captions))
+        rows.append(r)
+    return rows
+
+
+def score_rows(spec: DatasetSpec, rows: list[dict], test: Sequence, group_by: str | None,
+               caption_metrics: Sequence[str]) -> dict[str, Any]:
+    """The dataset's metric: exact match (fraction, with a breakdown by ``group_by``) or caption scores."""
+    if spec.task == "caption":
+        from .metrics import caption_scores
+
+        return caption_scores({r["sample_id"]: r["prediction"] for r in rows},
+                              {r["sample_id"]: r["references"] for r in rows}, metrics=list(caption_metrics))
+    groups = [group_value(s, group_by) for s in test] if group_by else None
+    result = grouped_exact_match([r["prediction"] for r in rows], [r["answers"] for r in rows], groups)
+    out = {"accuracy": result["accuracy"]}
+    if group_by:
+        out[f"per_{group_by}"] = result["groups"]
+    return out
+
+
+def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | None = None) -> dict[str, Any]:
+    """Run the recipe (see the module doc); returns the metrics also written to ``RUN/metrics.json``."""
+    from .evaluate import write_examples_html
+
+    log = log or ((lambda msg: print(msg, file=sys.stderr, flush=True)) if cfg.progress else (lambda msg: None))
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    spec = get_dataset(cfg.dataset)
+    group_by = cfg.group_by or spec.group_by
+
+    t = time.perf_counter()
+    options = dict(cfg.dataset_options)
+    train = spec.load(cfg.root, cfg.train_split, **options)
+    test_all = spec.load(cfg.root, cfg.test_split, **options)
+    test = list(test_all)
+    if cfg.num_test is not None and cfg.num_test < len(test):
+        keep = sorted(random.Random(cfg.seed).sample(range(len(test)), cfg.num_test))
+        test = [test[i] for i in keep]
+    if parts is None:
+        parts = load_parts(cfg)
+    timings["load"] = time.perf_counter() - t
+    parts.lm.to(device)
+    parts.encoder.to(device)
+    bf16 = use_bf16(cfg.bf16, device)
+    processor = build_processor(cfg, spec, parts.tokenizer)
+    tok = parts.tokenizer
+    pad_id = pad_token_id_of(tok)
+
+    # 1. encoder features of every media file (all of the test split, so a larger sample reuses them)
+    t = time.perf_counter()
+    media: dict[str, Path] = {}
+    for s in list(train) + list(test_all):
+        media.setdefault(s.media_id, s.media_path)
+    feats, row, feature_info = _features(cfg, parts, processor, media, device, log)
+    timings["features"] = time.perf_counter() - t
+
+    # 2. tokenization and the media-independent lower LM layers, once per distinct sequence
+    cache: dict[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    encoded = []
+    for s in train:
+        prompt = processor.prompt_text(getattr(s, "question", ""))
+        target = s.answers[0] if spec.task == "qa" else s.captions[0]
+        if (prompt, target) not in cache:
+            e = encode_example(tok, prompt, target, max_length=cfg.max_length)
+            cache[(prompt, target)] = (tuple(e.input_ids), tuple(e.labels))
+        encoded.append((*cache[(prompt, target)], row[s.media_id]))
+    model = _build_model(cfg, parts, feats.shape[-1], device)
+    states = TextStates(model, pad_id, device, bf16)
+    t = time.perf_counter()
+    test_prompts = [tuple(processor.encode_prompt(getattr(s, "question", ""))) for s in test]
+    states.ensure([e[0] for e in encoded], progress=cfg.progress)
+    fp32_states = TextStates(model, pad_id, device, bf16=False)  # evaluation runs in fp32, as inference
+    if cfg.num_beams == 1:
+        fp32_states.ensure(test_prompts)
+    timings["text_states"] = time.perf_counter() - t
+
+    # 3. train
+    t = time.perf_counter()
+    train_info = _train(cfg, model, encoded, feats, states, out, False, device, bf16, pad_id)
+    timings["train"] = time.perf_counter() - t
+
+    # 4. evaluate
+    t = time.perf_counter()
+    rows = _evaluate(cfg, model, processor, spec, test, feats, row, fp32_states, blind=False)
+    scores = score_rows(spec, rows, test, group_by, cfg.caption_metrics)
+    timings["evaluate"] = time.perf_counter() - t
+    model.save_pretrained(out / "model", processor=processor,
+                          save_base_models=parts.lm_name is None or parts.encoder_name is None,
+                          encoder=parts.encoder)
+    model.engine.remove()  # the blind model hooks the same frozen LM
+
+    # 5. the blind baseline: same LM, prompt, recipe and decoding; all-zero features
+    blind_scores = blind_info = blind_rows = None
+    if cfg.blind:
+        t = time.perf_counter()
+        blind = _build_model(cfg, parts, feats.shape[-1], device)
+        blind_states = TextStates(blind, pad_id, device, bf16)
+        blind_states.states = states.states  # identical frozen lower layers
+        blind_fp32 = TextStates(blind, pad_id, device, bf16=False)
+        blind_fp32.states = fp32_states.states
+        blind_info = _train(cfg, blind, encoded, feats, blind_states, out / "blind", True, device, bf16, pad_id)
+        blind_rows = _evaluate(cfg, blind, processor, spec, test, feats, row, blind_fp32, blind=True)
+        blind_scores = score_rows(spec, blind_rows, test, group_by, cfg.caption_metrics)
+        blind.engine.remove()
+        timings["blind"] = time.perf_counter() - t
+
+    # 6. outputs
+    if blind_rows is not None:
+        for r, b in zip(rows, blind_rows):
+            r["blind_prediction"] = b["prediction"]
+    atomic_write_json(out / "predictions.json", rows)
+    html_rows = [dict(r, question=(r.get("question") or "") + (f"  [blind: {r['blind_prediction']}]"
+                                                              if "blind_prediction" in r else "")) for r in rows]
+    headline = (f"{scores['accuracy']:.1%}" if "accuracy" in scores else f"CIDEr {scores.get('CIDEr', 0):.3f}")
+    write_examples_html(out / "examples.html", html_rows, media_paths={r["sample_id"]: r["media_path"] for r in rows},
+                        title=f"eP-ALM on {cfg.dataset}: {headline} on {len(test)} test samples",
+                        limit=cfg.html_examples)
+    metrics = {
+        "dataset": cfg.dataset,
+        "task": spec.task,
+        "metric": spec.metric,
+        **scores,
+        **{f"blind_{k}": (blind_scores or {}).get(k) for k in scores},
+        "test_samples": len(test),
+        "test_sample": ("all" if len(test) == len(test_all) else f"seeded random sample (seed {cfg.seed})"),
+        "train_samples": len(train),
+        "minutes": round((time.perf_counter() - t_start) / 60, 2),
+        "peak_rss_mb": peak_rss_mb(),
+        "timings_s": {**{k: round(v, 1) for k, v in timings.items()},
+                      "total": round(time.perf_counter() - t_start, 1)},
+        "device": str(device),
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "bf16": bf16,
+        "features": feature_info,
+        "train": train_info,
+        "blind_train": blind_info,
+        "model": {"lm": parts.lm_name, "encoder": parts.encoder_name, "variant": cfg.variant,
+                  "inject_layers": [model.inject_start, model.inject_end], "encoder_layers": parts.encoder.num_layers,
+                  **model.parameter_report()},
+        "processor": processor.to_dict(),
+        "decoding": {"num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens},
+        "config": dataclasses.asdict(cfg),
+        "versions": parts.versions,
+        "outputs": {"metrics": str(out / "metrics.json"), "curves": str(out / "curves.png"),
+                    "examples": str(out / "examples.html"), "predictions": str(out / "predictions.json"),
+                    "weights": str(out / "model")},
+    }
+    if spec.task == "qa":
+        train_counts = Counter(s.answers[0] for s in train)
+        majority = train_counts.most_common(1)[0][0]
+        metrics["majority_answer"] = majority
+        metrics["majority_accuracy"] = sum(exact_match(majority, s.answers) for s in test) / max(len(test), 1)
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
