@@ -111,6 +111,9 @@ def checkpoint_copy(env, tmp_path, **config_changes) -> Path:
     shutil.copytree(env["done"] / "best", ckpt)
     path = ckpt / "epalm_config.json"
     data = json.loads(path.read_text())
+    for key in ("lm", "encoder"):  # names relative to the original checkpoint: keep them pointing there
+        if isinstance(data.get(key), str) and data[key].startswith(("./", "../")):
+            data[key] = str((env["done"] / "best" / data[key]).resolve())
     for key, value in config_changes.items():
         if value is _DROP:
             data.pop(key, None)
@@ -562,8 +565,8 @@ def test_demo_messages_hide_server_paths(env, tmp_path):
     from epalm.demo import make_handler
     from epalm.inference import load_checkpoint
 
-    model, tokenizer, loader, modality = load_checkpoint(env["done"] / "best", device="cpu")
-    handle = make_handler(model, tokenizer, loader, modality)
+    model, processor = load_checkpoint(env["done"] / "best", device="cpu")
+    handle = make_handler(model, processor, processor.media.modality)
     upload = tmp_path / "server" / "uploads" / "4f2a" / "cat.png"
     upload.parent.mkdir(parents=True)
     upload.write_bytes(b"garbage")

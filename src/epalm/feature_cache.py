@@ -770,9 +770,10 @@ def open_or_build(
 ) -> tuple["FeatureCache", bool]:
     """The one open-or-build policy: ``(cache, reused)``.
 
-    A complete cache with ``fingerprint`` that holds every item is reused. A missing or
-    incomplete one is built (an interrupted build with the same fingerprint is resumed); one
-    lacking items is rebuilt. A stale cache (other encoder, weights or preprocessing) raises
+    A complete cache with ``fingerprint`` that holds every item is reused. A missing one is built
+    (an interrupted build with the same fingerprint is resumed); one lacking items is rebuilt. A
+    published cache that no longer opens (damaged) raises :class:`IncompleteCacheError`, unless
+    ``rebuild_stale``. A stale cache (other encoder, weights or preprocessing) raises
     :class:`StaleCacheError` naming what differs, unless ``rebuild_stale`` (folders whose name
     already encodes the settings, e.g. the quickstarts' caches under ``$EPALM_CACHE/features``).
     ``build_kwargs`` go to :meth:`FeatureCache.build`.
@@ -785,8 +786,13 @@ def open_or_build(
         cache = FeatureCache.open(path, fingerprint)
         if all(media_id in cache for media_id, _ in items):
             return cache, True
-    except (FileNotFoundError, IncompleteCacheError):
+    except FileNotFoundError:
         pass
+    except IncompleteCacheError as err:
+        # caches are published complete, so a published one that no longer opens was damaged since:
+        # a folder the user named is reported, not silently replaced; epalm's own folders are rebuilt
+        if path.exists() and not rebuild_stale:
+            raise IncompleteCacheError(f"{err} (delete the folder to rebuild it)") from err
     except StaleCacheError:
         if not rebuild_stale:
             raise
