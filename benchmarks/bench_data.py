@@ -155,7 +155,7 @@ def measure(dataset: MediaFiles, workers: int, batch: int) -> dict:
     from torch.utils.data import DataLoader
 
     from epalm.data.loading import EpochBatchSampler, SeededSamples
-    from epalm.train import EpochOrder
+    from epalm.training.trainer import EpochOrder
 
     seeded = SeededSamples(dataset, seed=0)
     order = EpochOrder(len(dataset), batch, seed=0)

@@ -1,8 +1,8 @@
 """Feature-caching throughput: frozen ViT-B/16 images/s, without and with JPEG decode + resize.
 
 epalm can train from cached encoder features (``EPALM(..., encoder=None)`` + ``features=``); this
-measures how fast the cache is filled. Random-init ViT-B/16 (``epalm.presets.encoder_config``,
-transformers ``ViTModel`` wrapped by ``epalm.encoders.wrap_hf_encoder``: the 6 last [CLS]
+measures how fast the cache is filled. Random-init ViT-B/16 (``epalm.core.presets.encoder_config``,
+transformers ``ViTModel`` wrapped by ``epalm.core.encoders.wrap_hf_encoder``: the 6 last [CLS]
 tokens), nothing downloaded.
 
 Stages (images/s, median over repeats after warmup):
@@ -56,8 +56,8 @@ ENCODER = "vit_base_patch16_224"
 def build_encoder(name: str, device: torch.device, dtype: torch.dtype, tiny: bool):
     from transformers import ViTConfig, ViTModel
 
-    from epalm.encoders import wrap_hf_encoder
-    from epalm.presets import encoder_config
+    from epalm.core.encoders import wrap_hf_encoder
+    from epalm.core.presets import encoder_config
 
     if tiny:
         cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -111,7 +111,7 @@ class _JpegSet(torch.utils.data.Dataset):
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--encoder", default=ENCODER, help="a name in epalm.presets.ENCODER_CONFIGS")
+    ap.add_argument("--encoder", default=ENCODER, help="a name in epalm.core.presets.ENCODER_CONFIGS")
     ap.add_argument("--batch", type=int, default=None, help="images per batch (default 256 on cuda, 8 on cpu)")
     ap.add_argument("--dtype", default="auto", help="bf16 | fp16 | fp32 (default: bf16 on cuda, fp32 on cpu)")
     ap.add_argument("--device", default="auto")

@@ -1,6 +1,6 @@
 """Is eP-ALM as fast as the frozen LM it wraps? Train / eval / generate, bare LM vs epalm, same shapes.
 
-One run, one machine, random-init weights of a real architecture (``epalm.presets``; nothing is
+One run, one machine, random-init weights of a real architecture (``epalm.core.presets``; nothing is
 downloaded). The encoder is not timed: epalm gets cached features ``(B, 6, 768)``.
 
 Bare LM (the bounds):
@@ -62,7 +62,7 @@ TINY_LM = "tiny-opt"
 def build_lm(name: str, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, OPTConfig
 
-    from epalm.presets import lm_config
+    from epalm.core.presets import lm_config
 
     if name == TINY_LM:
         cfg = OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
@@ -103,7 +103,7 @@ def bare_benchmarks(lm, ids, mask, args, device, dtype) -> dict:
     batch, seq = ids.shape
     emb = lm.get_input_embeddings()
     prompt = torch.nn.Parameter(torch.randn(PROMPT_LEN, emb.embedding_dim, device=device) * 0.02)
-    opt = torch.optim.AdamW([prompt], lr=1e-4, fused=device.type == "cuda")  # as epalm.train
+    opt = torch.optim.AdamW([prompt], lr=1e-4, fused=device.type == "cuda")  # as epalm.training.trainer
     full_mask = torch.ones(batch, PROMPT_LEN + seq, dtype=mask.dtype, device=device)
     target = ids[:, -args.answer:]
 
@@ -157,7 +157,7 @@ def gen_kwargs(lm, args, beams: int) -> dict:
 def epalm_benchmarks(model, ids, mask, features, args, device, dtype) -> dict:
     labels = answer_labels(ids, args.answer)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")  # as epalm.train
+    opt = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")  # as epalm.training.trainer
     model.train()
 
     def train() -> None:
@@ -200,7 +200,7 @@ def build_epalm(lm, lm_name: str, variant: str, device: torch.device):
 
 # ---------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
-    from epalm.presets import LM_CONFIGS
+    from epalm.core.presets import LM_CONFIGS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lm", default="facebook/opt-125m", help=f"one of {sorted(LM_CONFIGS)}")

@@ -1,6 +1,6 @@
 """One script for a machine with a GPU (< 8 min): does epalm train there, and how fast would the paper run?
 
-1. ``train``: a real single-GPU ``epalm train`` run (``python -m epalm.cli train``) on a generated
+1. ``train``: a real single-GPU ``epalm train`` run (``python -m epalm.interface.cli train``) on a generated
    COCO-format captioning dataset (640x480 JPEGs, ``dataset_coco.json``), a random OPT-350m-sized LM
    with a locally trained BPE tokenizer and a random ViT-B/16, bf16, images through DataLoader
    workers with the release's augmentation, one epoch (a few optimizer steps) then the per-epoch
@@ -96,7 +96,7 @@ def build_assets(root: Path, tiny: bool) -> dict:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast, ViTConfig, ViTModel
 
-    from epalm.presets import encoder_config, lm_config
+    from epalm.core.presets import encoder_config, lm_config
 
     n_train, n_test = (16, 4) if tiny else (192, 64)
     w, h = (64, 48) if tiny else (640, 480)
@@ -170,7 +170,7 @@ def train_part(work: Path, args, device: torch.device) -> dict:
     }
     path = work / "gpu_check.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    ok, log, wall = run_part([sys.executable, "-m", "epalm.cli", "train", str(path)], timeout=300)
+    ok, log, wall = run_part([sys.executable, "-m", "epalm.interface.cli", "train", str(path)], timeout=300)
     result = {"ok": ok, "wall_s": wall, "build_assets_s": build_s, "num_workers": workers, "batch": batch,
               "train_images": assets["train"], "eval_images": assets["test"], "jpeg_size": assets["image_size"],
               "lm": "random opt-350m architecture" if not args.tiny else "tiny opt",
@@ -230,8 +230,8 @@ def data_part(work: Path, args, device: torch.device) -> dict:
 def encoder_part(args, device: torch.device) -> dict:
     from transformers import ViTConfig, ViTModel
 
-    from epalm.encoders import wrap_hf_encoder
-    from epalm.presets import encoder_config
+    from epalm.core.encoders import wrap_hf_encoder
+    from epalm.core.presets import encoder_config
 
     cfg = (ViTConfig(hidden_size=24, num_hidden_layers=3, num_attention_heads=2, intermediate_size=48,
                      image_size=16, patch_size=8) if args.tiny else encoder_config("vit_base_patch16_224"))

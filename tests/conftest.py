@@ -15,7 +15,7 @@ from transformers import (
     ViTModel,
 )
 
-from epalm.encoders import wrap_hf_encoder
+from epalm.core.encoders import wrap_hf_encoder
 
 VOCAB = 97
 torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and CI has 2 cores)

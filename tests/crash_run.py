@@ -16,8 +16,8 @@ import sys
 import numpy as np
 import torch
 
-from epalm.tiny import ColourDataset, collate, tiny_model
-from epalm.train import OptimConfig, TrainConfig, Trainer
+from epalm.recipes.tiny import ColourDataset, collate, tiny_model
+from epalm.training.trainer import OptimConfig, TrainConfig, Trainer
 
 EPOCHS, STEPS_PER_EPOCH = 3, 3
 

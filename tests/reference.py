@@ -1,4 +1,4 @@
-"""A slow, obviously-correct eP-ALM forward, written independently of epalm.injection.
+"""A slow, obviously-correct eP-ALM forward, written independently of epalm.core.injection.
 
 It follows the release literally (../shared/spec/official-semantics.md): the sequence is
 ``[prompt, text]`` below the first injected layer; there the visual token is physically

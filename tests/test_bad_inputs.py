@@ -1,7 +1,7 @@
 """Every bad input a new user (or an attacker) tried: a clear error naming the file, field or argument,
 exit code 2, no traceback; and the inputs that must keep working keep working.
 
-Most cases call ``epalm.cli.main`` in this process on tiny models and fixture data (test_recipe's
+Most cases call ``epalm.interface.cli.main`` in this process on tiny models and fixture data (test_recipe's
 helpers); each records its outcome, and ``test_zz_summary`` prints the figures: cases tried, clear
 errors, tracebacks, silently accepted.
 """
@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from epalm import cli
+from epalm.interface import cli
 from test_recipe import COLOURS, QUESTION, build_models, coco_name, fixture_corpus, recipe, write_config, write_image, write_json
 
 torch.set_num_threads(1)
@@ -182,7 +182,7 @@ def test_bad_model_settings_found_when_building(env, tmp_path, override, needle)
 
 
 def test_correct_values_stay_accepted(env):
-    from epalm.recipe import load_run_config
+    from epalm.recipes.run import load_run_config
 
     cfg = load_run_config(env["config"], ["train.optim.lr=1", "train.epochs=3", "data.image_size=16",
                                           "train.batch_size=4", "train.grad_accum=2", "data.fraction=1.0",
@@ -269,7 +269,7 @@ def test_read_only_file_system(env, tmp_path, monkeypatch):
 def test_disk_full_keeps_the_previous_checkpoint(env, tmp_path, monkeypatch):
     import safetensors.torch
 
-    from epalm import checkpoint as ckpt
+    from epalm.training import checkpoint as ckpt
 
     real, calls = safetensors.torch.save_file, []
 
@@ -359,7 +359,7 @@ def test_unreadable_saved_config(env, tmp_path, content, needle):
 def test_remote_code_proof_no_marker(env, tmp_path):
     """The attack of the issue: a checkpoint saying trust_remote_code next to an LM folder whose
     config.json has an auto_map to a .py file that writes a marker. Refused; the code never runs."""
-    from epalm.model import EPALM
+    from epalm.core.model import EPALM
 
     lm = tmp_path / "evil-lm"
     shutil.copytree(env["models"]["lm"], lm)
@@ -562,8 +562,8 @@ def test_demo_messages_hide_server_paths(env, tmp_path):
     pytest.importorskip("gradio")
     import gradio as gr
 
-    from epalm.demo import make_handler
-    from epalm.inference import load_checkpoint
+    from epalm.interface.demo import make_handler
+    from epalm.interface.inference import load_checkpoint
 
     model, processor = load_checkpoint(env["done"] / "best", device="cpu")
     handle = make_handler(model, processor, processor.media.modality)

@@ -1,7 +1,7 @@
 """Crash consistency: a run killed (SIGKILL) at every named fault point resumes to the very same run.
 
 Each case runs tests/crash_run.py in a subprocess with ``EPALM_FAULT=<point>@<n>`` (killed the
-n-th time the point is reached, see ``epalm.checkpoint.FAULT_POINTS``), checks that no complete
+n-th time the point is reached, see ``epalm.training.checkpoint.FAULT_POINTS``), checks that no complete
 artefact was lost, resumes in this process, and compares with one uninterrupted run: trainable
 weights of ``checkpoint/`` and ``best/`` bit for bit, ``best/metrics.json``, ``eval.csv`` and
 ``metrics.csv`` (each step exactly once). Also: no pickle anywhere, damaged or foreign checkpoints
@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import crash_run
-from epalm import checkpoint as ckpt
+from epalm.training import checkpoint as ckpt
 from epalm.errors import CheckpointError
 
 HERE = Path(__file__).resolve().parent

@@ -1,7 +1,7 @@
 """The ``epalm`` command line and recipe configs: help, every shipped YAML, config errors, bad inputs.
 
 Configs: every ``configs/*.yaml`` present when the tests are collected must parse (with the
-recipe's own checks) and, when its LM and encoder are in ``epalm.presets``, build on the meta
+recipe's own checks) and, when its LM and encoder are in ``epalm.core.presets``, build on the meta
 device. Errors: a missing or malformed config, a mistyped key anywhere and an unreadable media file
 end the CLI with exit code 2 and a message naming the culprit (no traceback); with
 ``data.on_error=skip`` a corrupt image is skipped with a warning naming it.
@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from epalm import cli
+from epalm.interface import cli
 from epalm.data import MediaError, SkippedSampleWarning
-from epalm.recipe import CAPTION_DATASETS, RunConfig, load_run_config, media_loader, run_config_from_dict
+from epalm.recipes.run import CAPTION_DATASETS, RunConfig, load_run_config, media_loader, run_config_from_dict
 
 from test_recipe import (  # the tiny models and fixture writers of the recipe tests
     COLOURS,
@@ -71,10 +71,10 @@ def test_the_documented_subcommands_exist():
 
 
 def test_module_entry_point_and_usage_errors():
-    done = subprocess.run([sys.executable, "-m", "epalm.cli", "train", "--help"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "epalm.interface.cli", "train", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "--resume" in done.stdout
-    done = subprocess.run([sys.executable, "-m", "epalm.cli", "frobnicate"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "epalm.interface.cli", "frobnicate"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and "invalid choice" in done.stderr
     with pytest.raises(SystemExit) as info:  # eval without --checkpoint: argparse's usage error
@@ -117,12 +117,12 @@ def test_shipped_config_parses(path):
 
 @pytest.mark.parametrize("path", CONFIGS or [None], ids=[p.name for p in CONFIGS] or ["none"])
 def test_shipped_config_builds_on_meta(path):
-    from epalm.presets import ENCODER_CONFIGS, LM_CONFIGS, build_random
+    from epalm.core.presets import ENCODER_CONFIGS, LM_CONFIGS, build_random
 
     if path is None:
         _needs_configs()
     cfg = load_run_config(path)
-    # every shipped recipe names architectures that epalm.presets knows (no download needed)
+    # every shipped recipe names architectures that epalm.core.presets knows (no download needed)
     assert cfg.model.lm in LM_CONFIGS, cfg.model.lm
     assert cfg.model.encoder.removeprefix("framewise:") in ENCODER_CONFIGS, cfg.model.encoder
     model = build_random(cfg.model, device="meta")
@@ -249,7 +249,7 @@ def test_clean_fixture_trains(small, tmp_path):
 
 
 def test_corrupt_image_raises_media_error_naming_the_file(small, tmp_path):
-    from epalm.recipe import run_train
+    from epalm.recipes.run import run_train
 
     path = _cfg(small, tmp_path, small["corrupt"])
     rc, out, err = run_cli("train", path)
@@ -299,8 +299,8 @@ def test_tiny_demo_checkpoint_loads_alone_from_another_folder(tmp_path):
     """``epalm tiny-demo``'s random models exist nowhere else: the checkpoint carries them."""
     import shutil
 
-    from epalm.model import EPALM
-    from epalm.tiny import ColourDataset, accuracy, run
+    from epalm.core.model import EPALM
+    from epalm.recipes.tiny import ColourDataset, accuracy, run
 
     result = run(str(tmp_path / "demo"), epochs=3)
     moved = tmp_path / "moved"
@@ -318,9 +318,9 @@ def test_train_checkpoint_is_portable_and_predicts(small, tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from epalm.encoders import load_encoder
-    from epalm.model import EPALM
-    from epalm.processor import EPALMProcessor
+    from epalm.core.encoders import load_encoder
+    from epalm.core.model import EPALM
+    from epalm.data.processor import EPALMProcessor
 
     rc, out, err = run_cli("train", _cfg(small, tmp_path, small["clean"]))
     assert rc == 0, err[-3000:]

@@ -10,9 +10,9 @@ import torch
 
 from conftest import VOCAB, tiny_lm, tiny_vit
 from epalm import EPALM, EPALMConfig
-from epalm.connectors import AvgPoolResampler, LinearResampler, QueryMapper
-from epalm.encoders import count_tokens, wrap_hf_encoder
-from epalm.presets import build_random
+from epalm.core.connectors import AvgPoolResampler, LinearResampler, QueryMapper
+from epalm.core.encoders import count_tokens, wrap_hf_encoder
+from epalm.core.presets import build_random
 from reference import reference_logits
 from test_generation import EOS, PAD, greedy_by_hand, left_padded
 
@@ -167,7 +167,7 @@ def test_cached_all_token_features_equal_running_the_encoder(variant, pixels, te
 
 
 def test_feature_cache_stores_all_tokens_for_token_connectors(tmp_path, pixels, text):
-    from epalm.feature_cache import FeatureCache, encoder_fingerprint
+    from epalm.data.feature_cache import FeatureCache, encoder_fingerprint
 
     model = make("opt", "qp-l0")
     fp = encoder_fingerprint(model.encoder, "tiny-vit", {"size": 16}, all_tokens=model.config.needs_all_tokens)
@@ -271,7 +271,7 @@ def test_count_tokens_of_image_encoders_on_meta():
     with torch.device("meta"):
         from transformers import AutoModel
 
-        from epalm.presets import encoder_config
+        from epalm.core.presets import encoder_config
 
         enc = wrap_hf_encoder(AutoModel.from_config(encoder_config("vit_base_patch16_224")), num_layers=1)
     assert count_tokens(enc) == 197
@@ -303,7 +303,7 @@ def test_parameter_counts_on_meta_opt_2_7b_vit_b16(variant):
 
 
 def test_params_command_reports_the_connector_variants(capsys):
-    from epalm import cli
+    from epalm.interface import cli
 
     assert cli.main(["params", "--lm", "facebook/opt-2.7b", "--encoder", "vit_base_patch16_224",
                      "--variant", "qp-l0"]) == 0
@@ -314,7 +314,7 @@ def test_params_command_reports_the_connector_variants(capsys):
 def test_recipe_feature_cache_holds_all_tokens_and_trains_like_the_encoder(tmp_path):
     """cache-features + train through the CLI on a QP recipe: (N, d_enc) features per image, and the
     very same weights as training from the images."""
-    from epalm.feature_cache import FeatureCache
+    from epalm.data.feature_cache import FeatureCache
     from test_recipe import build_assets, recipe, run_cli, trainable, write_config
 
     assets = build_assets(tmp_path / "assets")

@@ -25,8 +25,8 @@ from urllib.parse import urlparse
 import pytest
 import torch
 
-from epalm import demo
-from epalm.cli import build_parser, main
+from epalm.interface import demo
+from epalm.interface.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "what colour is the square?"
@@ -52,16 +52,16 @@ def make_tiny_checkpoint(root: Path) -> Path:
     """``root/lm`` (OPT + tokenizer), ``root/enc`` (ViT), ``root/ckpt`` (the eP-ALM save_pretrained folder)."""
     from transformers import OPTConfig, OPTForCausalLM, ViTConfig, ViTModel
 
-    from epalm.config import EPALMConfig
-    from epalm.model import EPALM
-    from epalm.processor import EPALMProcessor, MediaConfig
+    from epalm.core.config import EPALMConfig
+    from epalm.core.model import EPALM
+    from epalm.data.processor import EPALMProcessor, MediaConfig
 
     tokenizer = _tiny_tokenizer()
     torch.manual_seed(0)
     lm = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4, ffn_dim=64,
                                   num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32,
                                   dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2))
-    with torch.no_grad():  # as epalm.tiny: large weights so that the random LM reacts to its prefix
+    with torch.no_grad():  # as epalm.recipes.tiny: large weights so that the random LM reacts to its prefix
         for p in lm.parameters():
             if p.ndim == 2:
                 p.normal_(0, 0.4)
@@ -220,7 +220,7 @@ def _serve(checkpoint: Path, tmp_path: Path):
            "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}  # uploads land here, not in /tmp/gradio
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "epalm.cli", "demo", str(checkpoint), "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "epalm.interface.cli", "demo", str(checkpoint), "--port", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -312,7 +312,7 @@ def quickstart_run(tmp_path_factory) -> Path:
     ``RUN/predictions.json`` its own evaluation wrote (``epalm quickstart``'s exact code path)."""
     from test_quickstart import tiny_config, tiny_parts, write_easy_vqa
 
-    from epalm.quickstart import run_quickstart
+    from epalm.recipes.quickstart import run_quickstart
 
     tmp = tmp_path_factory.mktemp("quickstart_run")
     parts = tiny_parts(write_easy_vqa(tmp / "data"))

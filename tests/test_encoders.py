@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from conftest import tiny_vit
-from epalm.encoders import FrameWiseEncoder, find_layer_stack, wrap_hf_encoder
+from epalm.core.encoders import FrameWiseEncoder, find_layer_stack, wrap_hf_encoder
 
 SMALL = dict(hidden_size=24, num_hidden_layers=3, num_attention_heads=2, intermediate_size=48)
 
@@ -130,7 +130,7 @@ class TimmShapedViT(torch.nn.Module):
 
 
 def test_timm_style_vit_wrapper():
-    from epalm.encoders import wrap_timm_vit
+    from epalm.core.encoders import wrap_timm_vit
 
     model = TimmShapedViT().eval()
     x = torch.randn(2, 3, 16, 16)

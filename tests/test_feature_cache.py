@@ -11,8 +11,8 @@ import torch
 from transformers import OPTConfig, OPTForCausalLM, ViTConfig, ViTModel
 
 from epalm import EPALM, EPALMConfig
-from epalm.encoders import wrap_hf_encoder
-from epalm.feature_cache import (
+from epalm.core.encoders import wrap_hf_encoder
+from epalm.data.feature_cache import (
     FeatureCache,
     IncompleteCacheError,
     StaleCacheError,
@@ -341,7 +341,7 @@ def test_all_tokens_cache_for_magma_star(tmp_path):
 
 
 def test_crash_between_completion_and_rename_is_finished_on_resume(tmp_path, monkeypatch):
-    from epalm import feature_cache as fc
+    from epalm.data import feature_cache as fc
 
     enc, px = make_encoder(), media(4)
     fp = encoder_fingerprint(enc, "tiny-vit", PRE)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import VOCAB, tiny_encoder, tiny_lm
-from epalm.config import EPALMConfig
-from epalm.injection import build_attention_mask, default_injection_range, injection_schedule
-from epalm.model import EPALM
+from epalm.core.config import EPALMConfig
+from epalm.core.injection import build_attention_mask, default_injection_range, injection_schedule
+from epalm.core.model import EPALM
 from reference import reference_logits
 
 FAMILIES = ["opt", "gpt2", "llama"]

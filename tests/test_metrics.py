@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import epalm.io as eio
-from epalm import metrics as M
+from epalm.evaluation import metrics as M
 from epalm.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from epalm.metrics import (
+from epalm.evaluation.metrics import (
     JavaNotFoundError,
     caption_scores,
     exact_match_accuracy,
@@ -466,7 +466,7 @@ def test_atomic_write_roundtrip_and_modes(tmp_path) -> None:
 
 # ------------------------------------------------------------------ the two official scorer versions
 def test_vqa_scorer_versions_on_known_inputs():
-    from epalm.metrics import vqa_accuracy, vqa_score
+    from epalm.evaluation.metrics import vqa_accuracy, vqa_score
 
     unanimous = ["2"] * 10
     # pre-2021 (default, the eP-ALM release): the prediction is always normalised

@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_encoder, tiny_lm, tiny_vit
 from epalm import EPALM, EPALMConfig
-from epalm.config import VARIANTS
-from epalm.presets import build_random
+from epalm.core.config import VARIANTS
+from epalm.core.presets import build_random
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from epalm.cli import main
+from epalm.interface.cli import main
 from epalm.data import drumkits, tuxpaint
 from epalm.data.errors import AnnotationError
-from epalm.offline_runs import (
+from epalm.recipes.offline_runs import (
     WhisperClipEncoder,
     cli_run,
     grouped_split,
@@ -314,7 +314,7 @@ def test_caption_quickstart_end_to_end(tmp_path):
 
 # --------------------------------------------------------------------------------------------- checkpoints
 def _inference_answers(model_dir, rows, num_beams, max_new_tokens):
-    from epalm.inference import answer_question, load_checkpoint
+    from epalm.interface.inference import answer_question, load_checkpoint
 
     model, processor = load_checkpoint(model_dir, device="cpu")
     return [answer_question(model, processor, r["media_path"], r.get("question", ""), num_beams=num_beams,
@@ -331,7 +331,7 @@ def _moved(run: Path, tmp_path: Path) -> Path:
 
 
 def test_audio_checkpoint_is_portable_and_answers_as_its_evaluation(tmp_path):
-    from epalm.model import EPALM
+    from epalm.core.model import EPALM
 
     root = make_drumkits(tmp_path / "kits")
     run_audio_quickstart(tmp_path / "run", root, epochs=3, batch_size=4, lr=1e-2, context_seconds=1.0,
@@ -346,7 +346,7 @@ def test_audio_checkpoint_is_portable_and_answers_as_its_evaluation(tmp_path):
 
 @pytest.mark.skipif(not _caption_metrics_available(), reason="needs pycocoevalcap and java")
 def test_caption_checkpoint_is_portable_and_answers_as_its_evaluation(tmp_path):
-    from epalm.processor import EPALMProcessor
+    from epalm.data.processor import EPALMProcessor
 
     root = make_stamps(tmp_path / "stamps", with_svg=False)
     run_caption_quickstart(tmp_path / "run", root, epochs=2, batch_size=4, lr=1e-2, image_size=28, test_fraction=0.34,

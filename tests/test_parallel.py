@@ -25,9 +25,9 @@ SCRIPT = textwrap.dedent('''
     from safetensors.torch import save_file
 
     torch.set_num_threads(1)
-    from epalm.evaluate import predict
-    from epalm.tiny import ColourDataset, collate, tiny_model
-    from epalm.train import OptimConfig, TrainConfig, Trainer
+    from epalm.evaluation.evaluate import predict
+    from epalm.recipes.tiny import ColourDataset, collate, tiny_model
+    from epalm.training.trainer import OptimConfig, TrainConfig, Trainer
 
     out, fsdp = Path(sys.argv[1]), sys.argv[2] == "fsdp"
     out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,7 @@ SCRIPT = textwrap.dedent('''
             return len(ds)
         def __getitem__(self, i):
             return i, ds[i]
-    from epalm.evaluate import GenerationConfig
+    from epalm.evaluation.evaluate import GenerationConfig
     rows = predict(straight.unwrapped, Indexed(), eval_collate, Tok(), GenerationConfig(max_new_tokens=4),
                    batch_size=2, accelerator=acc, progress=False, num_workers=0)
     (out / f"rows{acc.process_index}.json").write_text(json.dumps([[r["sample_id"], r["prediction"]] for r in rows]))

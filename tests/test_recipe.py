@@ -1,4 +1,4 @@
-"""End-to-end tests of the paper recipes (``epalm.recipe`` through ``epalm.cli``) on fixture data.
+"""End-to-end tests of the paper recipes (``epalm.recipes.run`` through ``epalm.interface.cli``) on fixture data.
 
 Everything runs on CPU in seconds: a tiny BPE tokenizer trained on the fixture text is saved with a
 tiny random OPT into one local folder (the recipe loads it with ``AutoTokenizer`` /
@@ -30,7 +30,7 @@ import torch
 import yaml
 from PIL import Image
 
-from epalm import cli
+from epalm.interface import cli
 
 torch.set_num_threads(1)
 
@@ -203,7 +203,7 @@ def build_models(root: Path, corpus: list[str]) -> dict[str, str]:
     with torch.no_grad():
         for p in lm.parameters():
             if p.ndim == 2:
-                p.normal_(0, 0.4)  # so the tiny LM's logits respond to its prefix (see epalm.tiny)
+                p.normal_(0, 0.4)  # so the tiny LM's logits respond to its prefix (see epalm.recipes.tiny)
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
     lm.save_pretrained(lm_dir)
 
@@ -461,8 +461,8 @@ def test_zero_shot_video_qa_after_image_training(assets):
 
 
 def test_feature_cache_cli_then_training_equals_training_without(assets, tmp_path):
-    from epalm.feature_cache import FeatureCache, StaleCacheError
-    from epalm.recipe import load_run_config, run_train
+    from epalm.data.feature_cache import FeatureCache, StaleCacheError
+    from epalm.recipes.run import load_run_config, run_train
 
     cfg_dict = recipe(assets, "vqa", tmp_path / "plain", train={"epochs": 2, "batch_size": 4})
     cfg_dict["model"]["encoder"] = assets["models"]["vit_pooler"]
@@ -587,13 +587,13 @@ DDP_SCRIPT = textwrap.dedent('''
     from safetensors.torch import save_file
 
     torch.set_num_threads(1)
-    from epalm import cli
+    from epalm.interface import cli
     from epalm.data import make_collate_fn
-    from epalm.evaluate import predict
-    from epalm.model import EPALM
-    from epalm.recipe import build_datasets, load_run_config, load_tokenizer
-    from epalm.tiny import ColourDataset, collate, tiny_model
-    from epalm.train import OptimConfig, TrainConfig, Trainer
+    from epalm.evaluation.evaluate import predict
+    from epalm.core.model import EPALM
+    from epalm.recipes.run import build_datasets, load_run_config, load_tokenizer
+    from epalm.recipes.tiny import ColourDataset, collate, tiny_model
+    from epalm.training.trainer import OptimConfig, TrainConfig, Trainer
 
     out, vqa_config = Path(sys.argv[1]), sys.argv[2]
     out.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epalm.tiny import ColourDataset, collate, tiny_model
-from epalm.train import OptimConfig, TrainConfig, Trainer, TrainingDiverged, config_from_dict, lr_lambda
+from epalm.recipes.tiny import ColourDataset, collate, tiny_model
+from epalm.training.trainer import OptimConfig, TrainConfig, Trainer, TrainingDiverged, config_from_dict, lr_lambda
 
 
 def make_model(seed=0):
@@ -216,7 +216,7 @@ def test_every_batch_tensor_is_moved_to_the_accelerator_device(tmp_path, precisi
 def test_evaluation_moves_every_tensor_to_the_accelerator_device():
     from accelerate import Accelerator
 
-    from epalm.evaluate import predict
+    from epalm.evaluation.evaluate import predict
 
     model = make_model()
     ds = ColourDataset(6)
@@ -274,7 +274,7 @@ def run_aug(tmp_path, name, collate_fn=None, **kw):
 
 def test_samples_do_not_depend_on_the_number_of_workers():
     from epalm.data.loading import EpochBatchSampler, SeededSamples, make_loader
-    from epalm.train import EpochOrder
+    from epalm.training.trainer import EpochOrder
 
     order = EpochOrder(24, 8, seed=3)
     batches = {}
@@ -341,7 +341,7 @@ def test_default_num_workers(monkeypatch):
 
 @pytest.mark.parametrize("variant", ["epalm", "ada"])
 def test_activation_checkpointing_gives_the_same_gradients(variant):
-    from epalm.parallel import enable_activation_checkpointing
+    from epalm.training.parallel import enable_activation_checkpointing
 
     ds = ColourDataset(6)
     batch = collate([ds[i] for i in range(6)])
@@ -363,7 +363,7 @@ def test_activation_checkpointing_gives_the_same_gradients(variant):
 
 
 def test_checkpointed_layers_recompute_inside_the_forwards_injection_state():
-    from epalm.parallel import enable_activation_checkpointing
+    from epalm.training.parallel import enable_activation_checkpointing
 
     model = enable_activation_checkpointing(tiny_model())
     states = []

@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .config import EPALMConfig, VARIANTS  # noqa: E402
-from .model import EPALM, EPALMOutput  # noqa: E402
-from .processor import EPALMProcessor  # noqa: E402
+from epalm.core.config import EPALMConfig, VARIANTS  # noqa: E402
+from epalm.core.model import EPALM, EPALMOutput  # noqa: E402
+from epalm.data.processor import EPALMProcessor  # noqa: E402
 
 __all__ = ["EPALM", "EPALMConfig", "EPALMOutput", "EPALMProcessor", "VARIANTS"]

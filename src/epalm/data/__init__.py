@@ -9,8 +9,8 @@
 * :mod:`.datasets` -- :class:`VQADataset`, :class:`CaptionDataset`.
 """
 
-from .audio import ASTFeatures, AudioLoader, WhisperFeatures, load_audio, resample, spec_augment
-from .datasets import (
+from epalm.data.audio import ASTFeatures, AudioLoader, WhisperFeatures, load_audio, resample, spec_augment
+from epalm.data.datasets import (
     CaptionDataset,
     SkippedSampleWarning,
     VQADataset,
@@ -18,8 +18,8 @@ from .datasets import (
     few_shot_indices,
     load_samples,
 )
-from .errors import AnnotationError, MediaError
-from .image import (
+from epalm.data.errors import AnnotationError, MediaError
+from epalm.data.image import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     RELEASE_MEAN,
@@ -29,7 +29,7 @@ from .image import (
     RandAugment,
     load_image,
 )
-from .readers import (
+from epalm.data.readers import (
     load_video_name_map,
     read_audiocaps,
     read_coco_karpathy,
@@ -41,8 +41,8 @@ from .readers import (
     read_vqa_karpathy,
     read_vqa_v2,
 )
-from .records import CaptionSample, QASample
-from .text import (
+from epalm.data.records import CaptionSample, QASample
+from epalm.data.text import (
     DEFAULT_SEPARATOR,
     IGNORE_INDEX,
     DataCollator,
@@ -58,7 +58,7 @@ from .text import (
     vqa_prompt,
     vqa_text,
 )
-from .video import VideoLoader, read_video_frames, sample_frame_indices
+from epalm.data.video import VideoLoader, read_video_frames, sample_frame_indices
 
 __all__ = [
     "AnnotationError",

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import MediaError
+from epalm.data.errors import MediaError
 
 __all__ = [
     "AUDIOSET_MEAN",
@@ -173,7 +173,7 @@ class WhisperFeatures:
     """Waveform -> Whisper log-mel input (feature_size, 3000) via ``WhisperFeatureExtractor``.
 
     ``context_frames`` (even, < 3000): the clip is cut or zero-padded to ``context_frames * 10`` ms
-    and only that many frames are returned, for a :class:`~epalm.encoders.WhisperClipEncoder`.
+    and only that many frames are returned, for a :class:`~epalm.core.encoders.WhisperClipEncoder`.
     """
 
     def __init__(self, feature_size: int = 80, sampling_rate: int = 16000, context_frames: int | None = None) -> None:

@@ -29,10 +29,10 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset
 
-from .errors import MediaError
-from .records import CaptionSample, QASample
-from .text import DEFAULT_SEPARATOR, encode_example, encode_prompt, truncate_prompt, vqa_prompt
-from .text import add_separator_token as _add_separator_token
+from epalm.data.errors import MediaError
+from epalm.data.records import CaptionSample, QASample
+from epalm.data.text import DEFAULT_SEPARATOR, encode_example, encode_prompt, truncate_prompt, vqa_prompt
+from epalm.data.text import add_separator_token as _add_separator_token
 
 __all__ = [
     "SkippedSampleWarning",
@@ -79,15 +79,15 @@ def few_shot_indices(
 def default_media_loader(modality: str, task: Literal["qa", "caption"] = "qa") -> MediaLoaderFn:
     """The paper's defaults: 224px images; 8 (QA) or 16 (captioning) 224px video frames; AST fbanks."""
     if modality == "image":
-        from .image import ImageLoader
+        from epalm.data.image import ImageLoader
 
         return ImageLoader()
     if modality == "video":
-        from .video import VideoLoader
+        from epalm.data.video import VideoLoader
 
         return VideoLoader(num_frames=16 if task == "caption" else 8)
     if modality == "audio":
-        from .audio import AudioLoader
+        from epalm.data.audio import AudioLoader
 
         return AudioLoader("ast")
     raise ValueError(f"unknown modality {modality!r}")
@@ -392,6 +392,6 @@ def load_samples(name: str, root: str | Path | None, split: str, **options: Any)
     ``msrvtt_qa``, ``msvd_qa``, ``msrvtt_caption``, ``audiocaps``, ``easy_vqa``, ``drumkits``,
     ``tuxpaint``, or any dataset added with :func:`epalm.data.registry.register`.
     """
-    from .registry import load_samples as load
+    from epalm.data.registry import load_samples as load
 
     return load(name, root, split, **options)

@@ -34,8 +34,8 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .errors import AnnotationError
-from .records import QASample
+from epalm.data.errors import AnnotationError
+from epalm.data.records import QASample
 
 __all__ = [
     "APT_COMMAND",

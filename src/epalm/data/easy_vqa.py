@@ -21,8 +21,8 @@ import json
 import os
 from pathlib import Path
 
-from .errors import AnnotationError, missing_file
-from .records import QASample
+from epalm.data.errors import AnnotationError, missing_file
+from epalm.data.records import QASample
 
 __all__ = [
     "EASY_VQA_PIP",

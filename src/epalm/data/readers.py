@@ -83,8 +83,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import AnnotationError, missing_file
-from .records import CaptionSample, QASample
+from epalm.data.errors import AnnotationError, missing_file
+from epalm.data.records import CaptionSample, QASample
 
 __all__ = [
     "read_vqa_v2",

@@ -1,7 +1,7 @@
 """The dataset registry: a new dataset is one reader + one :class:`DatasetSpec` entry + a YAML file.
 
 Each entry says what the data is (modality, task), how it is scored (metric), how its media are
-preprocessed by default (``preprocessing``: :class:`epalm.processor.MediaConfig` fields) and how
+preprocessed by default (``preprocessing``: :class:`epalm.data.processor.MediaConfig` fields) and how
 to read a split (``read(root, split, **options) -> samples``). :func:`load_samples`, the recipes
 (``epalm train``, the quickstarts) and the processor defaults all look datasets up here.
 
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import readers
-from .records import CaptionSample, QASample
+from epalm.data import readers
+from epalm.data.records import CaptionSample, QASample
 
 __all__ = ["DatasetSpec", "DATASETS", "register", "get_dataset", "load_samples", "grouped_split",
            "random_split"]
@@ -174,14 +174,14 @@ def _audiocaps(root: Path, split: str):
 
 
 def _easy_vqa(root: Path | None, split: str):
-    from .easy_vqa import read_easy_vqa
+    from epalm.data.easy_vqa import read_easy_vqa
 
     return read_easy_vqa(split, root)
 
 
 def _drumkits(root: Path, split: str, *, seed: int = 0, test_fraction: float = 0.25):
     """Seeded split grouped by (kit, instrument): velocity layers of one drum never straddle train and test."""
-    from .drumkits import read_drumkits
+    from epalm.data.drumkits import read_drumkits
 
     samples = read_drumkits(root)
     train, test = grouped_split([(s.media_id.split("/")[0], s.answer_type) for s in samples], test_fraction, seed)
@@ -194,14 +194,14 @@ def _tuxpaint(root: Path, split: str, *, seed: int = 0, test_fraction: float = 0
     rendered once to PNG under ``render_dir`` (default ``$EPALM_CACHE/features/tuxpaint-svg-png``)."""
     import dataclasses
 
-    from .tuxpaint import read_tuxpaint_stamps, render_svg
+    from epalm.data.tuxpaint import read_tuxpaint_stamps, render_svg
 
     if include_svg is None:
         include_svg = shutil.which("rsvg-convert") is not None
     samples = read_tuxpaint_stamps(root, include_svg=include_svg)
     if any(s.media_path.suffix == ".svg" for s in samples):
         if render_dir is None:
-            from ..weights.cache import cache_dir
+            from epalm.weights.cache import cache_dir
 
             render_dir = cache_dir() / "features" / "tuxpaint-svg-png"
         rendered = []

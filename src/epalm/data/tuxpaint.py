@@ -20,9 +20,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .errors import AnnotationError, MediaError
-from .image import load_image_on_white
-from .records import CaptionSample
+from epalm.data.errors import AnnotationError, MediaError
+from epalm.data.image import load_image_on_white
+from epalm.data.records import CaptionSample
 
 __all__ = [
     "APT_COMMAND",

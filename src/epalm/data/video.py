@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .errors import MediaError
-from .image import RELEASE_MEAN, RELEASE_STD, ImageTransform
+from epalm.data.errors import MediaError
+from epalm.data.image import RELEASE_MEAN, RELEASE_STD, ImageTransform
 
 __all__ = ["sample_frame_indices", "read_video_frames", "VideoLoader"]
 

@@ -20,7 +20,7 @@ GGUF conversion needs the ``gguf`` package, ONNX reading the ``onnx`` package
 :class:`MissingWeightsPackageError` whose message holds the exact pip command.
 """
 
-from .cache import (
+from epalm.weights.cache import (
     CacheCorruptedError,
     MissingWeightsPackageError,
     WeightsPackage,
@@ -33,7 +33,7 @@ from .cache import (
     verify_checksums,
     write_checksums,
 )
-from .ctranslate2_whisper import (
+from epalm.weights.ctranslate2_whisper import (
     CT2Model,
     convert_ct2_whisper,
     ct2_to_whisper,
@@ -41,9 +41,9 @@ from .ctranslate2_whisper import (
     read_ct2_model,
     whisper_base_path,
 )
-from .efficientnet_lite import EfficientNetLiteFeatures, EfficientNetLiteOutput, load_efficientnet_lite0
-from .gguf_lm import convert_gguf, gemma3_path, load_converted_lm, load_gemma3_270m, load_smollm2, smollm2_path
-from .onnx_dinov2 import ImageNorm, convert_onnx_dinov2, dinov2_small_path, load_dinov2_small, onnx_to_dinov2
+from epalm.weights.efficientnet_lite import EfficientNetLiteFeatures, EfficientNetLiteOutput, load_efficientnet_lite0
+from epalm.weights.gguf_lm import convert_gguf, gemma3_path, load_converted_lm, load_gemma3_270m, load_smollm2, smollm2_path
+from epalm.weights.onnx_dinov2 import ImageNorm, convert_onnx_dinov2, dinov2_small_path, load_dinov2_small, onnx_to_dinov2
 
 __all__ = [
     "CT2Model",

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import (
+from epalm.weights.cache import (
     WeightsPackage,
     atomic_directory,
     check_materialized,

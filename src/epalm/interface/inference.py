@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .processor import MODALITIES, EPALMProcessor
+from epalm.data.processor import MODALITIES, EPALMProcessor
 
 __all__ = ["MODALITIES", "answer_question", "decoding_defaults", "load_checkpoint", "modality_of"]
 
@@ -33,7 +33,7 @@ def load_checkpoint(checkpoint: str | os.PathLike, image_size: int | None = None
     """
     import torch
 
-    from .model import EPALM
+    from epalm.core.model import EPALM
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
@@ -67,7 +67,7 @@ def answer_question(model, processor: EPALMProcessor, media_path: str | os.PathL
     """
     import torch
 
-    from .data.text import text_token_limit
+    from epalm.data.text import text_token_limit
 
     defaults = decoding_defaults(processor)
     num_beams = defaults["num_beams"] if num_beams is None else num_beams

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from .data.image import RELEASE_MEAN, RELEASE_STD, RESIZE_RULES
-from .data.text import DEFAULT_SEPARATOR, encode_prompt, pad_token_id_of, vqa_prompt
-from .io import atomic_write_json
+from epalm.data.image import RELEASE_MEAN, RELEASE_STD, RESIZE_RULES
+from epalm.data.text import DEFAULT_SEPARATOR, encode_prompt, pad_token_id_of, vqa_prompt
+from epalm.io import atomic_write_json
 
 __all__ = ["PROCESSOR_NAME", "MediaConfig", "PromptTemplate", "EPALMProcessor", "dataclass_from_dict", "load_tokenizer"]
 
@@ -65,7 +65,7 @@ class MediaConfig:
             raise ValueError(f"media.mean and media.std need 3 values (RGB), got {self.mean} and {self.std}")
 
     def fingerprint(self) -> dict[str, Any]:
-        """The entries that change encoder input, for :func:`epalm.feature_cache.encoder_fingerprint`."""
+        """The entries that change encoder input, for :func:`epalm.data.feature_cache.encoder_fingerprint`."""
         out: dict[str, Any] = {"modality": self.modality}
         if self.modality in ("image", "video"):
             out.update(image_size=self.image_size, mean=self.mean, std=self.std, resize=self.resize,
@@ -135,17 +135,17 @@ class EPALMProcessor:
         if augment not in self._loaders:
             m = self.media
             if m.modality == "image":
-                from .data.image import ImageLoader
+                from epalm.data.image import ImageLoader
 
                 loader = ImageLoader(m.image_size, m.mean, m.std, augment=augment, resize=m.resize,
                                      background=m.background)
             elif m.modality == "video":
-                from .data.video import VideoLoader
+                from epalm.data.video import VideoLoader
 
                 loader = VideoLoader(num_frames=m.num_frames or 8, size=m.image_size, mean=m.mean, std=m.std,
                                      augment=augment)
             else:
-                from .data.audio import AudioLoader
+                from epalm.data.audio import AudioLoader
 
                 loader = AudioLoader(m.audio_features, augment=augment, **m.audio_kwargs)
             self._loaders[augment] = loader

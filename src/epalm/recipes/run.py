@@ -21,13 +21,13 @@ from typing import Any
 
 import yaml
 
-from .config import EPALMConfig, check_fields, check_model_path
-from .errors import ConfigError, RunDirError, UserError
-from .evaluate import DecodingConfig
-from .model import resolve_name
-from .train import TrainConfig, config_from_dict
+from epalm.core.config import EPALMConfig, check_fields, check_model_path
+from epalm.errors import ConfigError, RunDirError, UserError
+from epalm.evaluation.evaluate import DecodingConfig
+from epalm.core.model import resolve_name
+from epalm.training.trainer import TrainConfig, config_from_dict
 
-from .data.registry import DATASETS, get_dataset
+from epalm.data.registry import DATASETS, get_dataset
 
 
 def __getattr__(name: str):  # derived from the dataset registry (epalm.data.registry), never a second copy
@@ -189,10 +189,10 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
 
 # ------------------------------------------------------------------ building blocks
 def processor_for(cfg: RunConfig, tokenizer=None, dataset: str | None = None):
-    """The recipe's :class:`~epalm.processor.EPALMProcessor` for ``dataset`` (default the training one):
+    """The recipe's :class:`~epalm.data.processor.EPALMProcessor` for ``dataset`` (default the training one):
     the registry's default preprocessing of the dataset, overridden by the ``data`` section."""
-    from .data.image import RELEASE_MEAN, RELEASE_STD
-    from .processor import EPALMProcessor, MediaConfig
+    from epalm.data.image import RELEASE_MEAN, RELEASE_STD
+    from epalm.data.processor import EPALMProcessor, MediaConfig
 
     d = cfg.data
     spec = get_dataset(dataset or d.dataset)
@@ -220,7 +220,7 @@ def build_datasets(cfg: RunConfig, tokenizer, feature_lookup=None, max_length: i
     evaluation prompts keep their end, leaving room for the generated tokens. ``processor``: a
     checkpoint's (``epalm eval``), used for the evaluation media when its modality is the
     evaluation dataset's."""
-    from .data import CaptionDataset, VQADataset, load_samples
+    from epalm.data import CaptionDataset, VQADataset, load_samples
 
     d = cfg.data
     cls = CaptionDataset if cfg.task == "caption" else VQADataset
@@ -246,8 +246,8 @@ def build_datasets(cfg: RunConfig, tokenizer, feature_lookup=None, max_length: i
 
 def load_tokenizer(cfg: RunConfig | EPALMConfig):
     """The tokenizer of the LM a recipe (or a model config) names."""
-    from .processor import load_tokenizer as load
-    from .weights.registry import is_registry_name, load_registry_lm
+    from epalm.data.processor import load_tokenizer as load
+    from epalm.weights.registry import is_registry_name, load_registry_lm
 
     lm = cfg.model.lm if isinstance(cfg, RunConfig) else cfg.lm
     if is_registry_name(lm):
@@ -263,10 +263,10 @@ def load_tokenizer(cfg: RunConfig | EPALMConfig):
 def build_feature_cache(cfg: RunConfig, encoder, datasets, progress: bool = True):
     """Fill (or reuse, after checking its fingerprint) the frozen-encoder cache for ``datasets``.
 
-    The one open-or-build policy (:func:`epalm.feature_cache.open_or_build`): a stale cache
+    The one open-or-build policy (:func:`epalm.data.feature_cache.open_or_build`): a stale cache
     (other encoder, weights or preprocessing) raises, never reused nor silently replaced.
     """
-    from .feature_cache import encoder_fingerprint, open_or_build
+    from epalm.data.feature_cache import encoder_fingerprint, open_or_build
 
     fingerprint = encoder_fingerprint(encoder, cfg.model.encoder, preprocessing_fingerprint(cfg),
                                       all_tokens=cfg.model.needs_all_tokens, token_layers=cfg.model.token_layers)
@@ -324,11 +324,11 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, overw
     that is an error unless ``allow_fresh``) or ``overwrite`` (its run artefacts are removed)."""
     from accelerate.utils import set_seed
 
-    from .data import make_collate_fn
-    from .data.text import text_token_limit
-    from .io import atomic_write_json
-    from .model import EPALM
-    from .train import Trainer
+    from epalm.data import make_collate_fn
+    from epalm.data.text import text_token_limit
+    from epalm.io import atomic_write_json
+    from epalm.core.model import EPALM
+    from epalm.training.trainer import Trainer
 
     out = Path(cfg.train.output_dir)
     prepare_run_dir(out, resume, overwrite)
@@ -367,7 +367,7 @@ def run_train(cfg: RunConfig, resume: bool = False, progress: bool = True, overw
 
 def evaluate_and_write(cfg: RunConfig, model, dataset, collate, tokenizer, out_dir: Path,
                        progress: bool = True, accelerator=None) -> dict[str, Any]:
-    from .evaluate import predict, score, write_examples_html, write_predictions
+    from epalm.evaluation.evaluate import predict, score, write_examples_html, write_predictions
 
     rows = predict(model, dataset, collate, tokenizer, cfg.eval.generation, cfg.eval.batch_size,
                    accelerator=accelerator, progress=progress, num_workers=cfg.train.num_workers)
@@ -383,10 +383,10 @@ def evaluate_and_write(cfg: RunConfig, model, dataset, collate, tokenizer, out_d
 def run_eval(cfg: RunConfig, checkpoint: str | Path, out_dir: str | Path | None = None,
              progress: bool = True) -> dict[str, Any]:
     """Evaluate a saved model (``save_pretrained`` folder) on the recipe's evaluation split."""
-    from .data import make_collate_fn
-    from .model import EPALM
+    from epalm.data import make_collate_fn
+    from epalm.core.model import EPALM
 
-    from .processor import PROCESSOR_NAME, EPALMProcessor
+    from epalm.data.processor import PROCESSOR_NAME, EPALMProcessor
 
     model = EPALM.from_pretrained(checkpoint)
     cfg = dataclasses.replace(cfg, model=model.config)

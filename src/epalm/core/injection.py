@@ -40,7 +40,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .encoders import find_layer_stack
+from epalm.core.encoders import find_layer_stack
 
 AttentionMode = Literal["causal", "official"]
 

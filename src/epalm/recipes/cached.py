@@ -3,11 +3,11 @@
 
 1. read the dataset's train and test splits through the registry (:mod:`epalm.data.registry`);
 2. build the processor (the dataset's default preprocessing + the config's ``media`` overrides);
-3. cache the frozen encoder's features of every media file (:func:`epalm.feature_cache.open_or_build`,
+3. cache the frozen encoder's features of every media file (:func:`epalm.data.feature_cache.open_or_build`,
    fingerprinted by the processor);
 4. compute, once per distinct token sequence, the frozen LM layers below the first injected one
    (:class:`TextStates`; variants without soft prompt or adapters);
-5. train the connectors with :class:`epalm.train.Trainer` (only the injected layers run);
+5. train the connectors with :class:`epalm.training.trainer.Trainer` (only the injected layers run);
 6. evaluate: greedy decoding through the upper layers (:func:`greedy_decode`, identical to
    ``EPALM.generate`` greedy) or beam search with ``generate``; the metric is the dataset's
    (exact match, or COCO caption metrics), broken down by any sample attribute (``group_by``);
@@ -38,14 +38,14 @@ from typing import Any
 
 import torch
 
-from .config import EPALMConfig
-from .data.registry import DatasetSpec, get_dataset
-from .data.text import encode_example, pad_sequences, pad_token_id_of
-from .feature_cache import encoder_fingerprint, open_or_build
-from .io import atomic_write_json
-from .metrics import exact_match, grouped_exact_match
-from .model import EPALM
-from .processor import EPALMProcessor, MediaConfig, PromptTemplate, dataclass_from_dict
+from epalm.core.config import EPALMConfig
+from epalm.data.registry import DatasetSpec, get_dataset
+from epalm.data.text import encode_example, pad_sequences, pad_token_id_of
+from epalm.data.feature_cache import encoder_fingerprint, open_or_build
+from epalm.io import atomic_write_json
+from epalm.evaluation.metrics import exact_match, grouped_exact_match
+from epalm.core.model import EPALM
+from epalm.data.processor import EPALMProcessor, MediaConfig, PromptTemplate, dataclass_from_dict
 
 __all__ = ["CachedRunConfig", "RunParts", "TextStates", "greedy_decode", "load_parts", "run_cached",
            "resolve_device", "use_bf16", "cached_config_from_dict", "is_cached_config", "load_cached_config"]
@@ -116,7 +116,7 @@ def cached_config_from_dict(data: dict, source: str = "cached") -> CachedRunConf
 
 def is_cached_config(path: str | Path) -> bool:
     """Whether a YAML file is a cached-features recipe (a top-level ``cached:`` section)."""
-    from .recipe import load_yaml
+    from epalm.recipes.run import load_yaml
 
     path = Path(path)
     if not path.is_file():
@@ -130,7 +130,7 @@ def is_cached_config(path: str | Path) -> bool:
 
 def load_cached_config(path: str | Path, overrides: list[str] | None = None) -> CachedRunConfig:
     """``cached:`` section of a YAML (``cached.key=value`` overrides) -> :class:`CachedRunConfig`."""
-    from .recipe import apply_overrides, load_yaml
+    from epalm.recipes.run import apply_overrides, load_yaml
 
     path = Path(path)
     data = load_yaml(path.read_text()) or {}
@@ -156,10 +156,10 @@ class RunParts:
 
 def load_parts(cfg: CachedRunConfig) -> RunParts:
     """The LM, tokenizer and encoder the config names."""
-    from .encoders import load_encoder
-    from .model import load_lm
-    from .processor import load_tokenizer
-    from .weights.registry import is_registry_name, load_registry_lm
+    from epalm.core.encoders import load_encoder
+    from epalm.core.model import load_lm
+    from epalm.data.processor import load_tokenizer
+    from epalm.weights.registry import is_registry_name, load_registry_lm
 
     if is_registry_name(cfg.lm):
         lm, tokenizer = load_registry_lm(cfg.lm)
@@ -308,7 +308,7 @@ def build_processor(cfg: CachedRunConfig, spec: DatasetSpec, tokenizer) -> EPALM
 def _features(cfg: CachedRunConfig, parts: RunParts, processor: EPALMProcessor, media: dict[str, Path],
               device: torch.device, log: Log) -> tuple[torch.Tensor, dict[str, int], dict[str, Any]]:
     """All media's encoder features (from the cache, built on first use): ``(N, k, d)`` float32 on device."""
-    from .weights.cache import cache_dir
+    from epalm.weights.cache import cache_dir
 
     name = parts.encoder_name or type(getattr(parts.encoder, "model", parts.encoder)).__name__
     fingerprint = encoder_fingerprint(parts.encoder, name, processor.fingerprint())
@@ -344,7 +344,7 @@ def _train(cfg: CachedRunConfig, model: EPALM, encoded: list[tuple[tuple[int, ..
            bf16: bool, pad_id: int) -> dict[str, Any]:
     import csv
 
-    from .train import OptimConfig, TrainConfig, Trainer
+    from epalm.training.trainer import OptimConfig, TrainConfig, Trainer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("metrics.csv", "eval.csv", "curves.png"):  # the Trainer appends: start the curves afresh
@@ -433,7 +433,7 @@ def score_rows(spec: DatasetSpec, rows: list[dict], test: Sequence, group_by: st
                caption_metrics: Sequence[str]) -> dict[str, Any]:
     """The dataset's metric: exact match (fraction, with a breakdown by ``group_by``) or caption scores."""
     if spec.task == "caption":
-        from .metrics import caption_scores
+        from epalm.evaluation.metrics import caption_scores
 
         return caption_scores({r["sample_id"]: r["prediction"] for r in rows},
                               {r["sample_id"]: r["references"] for r in rows}, metrics=list(caption_metrics))
@@ -447,7 +447,7 @@ def score_rows(spec: DatasetSpec, rows: list[dict], test: Sequence, group_by: st
 
 def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | None = None) -> dict[str, Any]:
     """Run the recipe (see the module doc); returns the metrics also written to ``RUN/metrics.json``."""
-    from .evaluate import write_examples_html
+    from epalm.evaluation.evaluate import write_examples_html
 
     log = log or ((lambda msg: print(msg, file=sys.stderr, flush=True)) if cfg.progress else (lambda msg: None))
     t_start = time.perf_counter()

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .config import EPALMConfig, check_model_path
-from .connectors import (
+from epalm.core.config import EPALMConfig, check_model_path
+from epalm.core.connectors import (
     AvgPoolResampler,
     Connector,
     DeepPrompt,
@@ -36,8 +36,8 @@ from .connectors import (
     QueryMapper,
     SoftPrompt,
 )
-from .encoders import count_tokens
-from .injection import (
+from epalm.core.encoders import count_tokens
+from epalm.core.injection import (
     InjectionEngine,
     InjectionState,
     LMAnatomy,
@@ -66,7 +66,7 @@ class EPALM(nn.Module):
 
     Args:
         lm: a ``*ForCausalLM`` loaded with ``attn_implementation`` "sdpa" or "eager".
-        encoder: an ``epalm.encoders.Encoder`` (or ``FrameWiseEncoder``); ``None`` to train from
+        encoder: an ``epalm.core.encoders.Encoder`` (or ``FrameWiseEncoder``); ``None`` to train from
             cached features only (then pass ``encoder_dim``).
         config: the variant and injection settings.
     """
@@ -154,7 +154,7 @@ class EPALM(nn.Module):
         if lm is None:
             lm = load_lm(config, base_dir)
         if encoder is None:
-            from .encoders import load_encoder
+            from epalm.core.encoders import load_encoder
 
             encoder = load_encoder(resolve_name(config.encoder, base_dir), num_layers=config.num_encoder_layers,
                                    **config.encoder_kwargs)
@@ -206,7 +206,7 @@ class EPALM(nn.Module):
 
         The config names the LM and encoder portably (:func:`portable_name`): hub ids and registry
         names as they are, local paths relative to ``path``, never an absolute path.
-        ``processor`` (an :class:`epalm.processor.EPALMProcessor`; default ``self.processor``, which
+        ``processor`` (an :class:`epalm.data.processor.EPALMProcessor`; default ``self.processor``, which
         ``epalm train`` sets, so the Trainer's checkpoints carry it too) is saved alongside, so that
         inference preprocesses media exactly as training did. ``save_base_models=True`` also writes
         the frozen LM (``lm/``) and encoder (``encoder/``) into the folder (models that exist only
@@ -538,7 +538,7 @@ def portable_name(name: str, checkpoint: str | os.PathLike) -> str:
     prefix, inner = _split_prefix(name)
     if not Path(inner).is_absolute():
         return name
-    from .weights.cache import cache_dir
+    from epalm.weights.cache import cache_dir
 
     target = Path(inner).resolve()
     try:
@@ -557,7 +557,7 @@ def portable_name(name: str, checkpoint: str | os.PathLike) -> str:
 
 def load_lm(config: EPALMConfig, base_dir: str | os.PathLike | None = None) -> nn.Module:
     """The frozen causal LM a config names (hub id, ``weights:<name>`` or a path)."""
-    from .weights.registry import is_registry_name, load_registry_lm
+    from epalm.weights.registry import is_registry_name, load_registry_lm
 
     lm_kwargs = dict(config.lm_kwargs)
     for key in ("dtype", "torch_dtype"):
@@ -578,7 +578,7 @@ def load_lm(config: EPALMConfig, base_dir: str | os.PathLike | None = None) -> n
 
 def _save_encoder(encoder: nn.Module, folder: Path) -> str:
     """Save a frozen encoder's backbone (transformers models) and return the name that reloads it."""
-    from .encoders import FrameWiseEncoder, WhisperClipEncoder
+    from epalm.core.encoders import FrameWiseEncoder, WhisperClipEncoder
 
     prefix = ""
     if isinstance(encoder, FrameWiseEncoder):

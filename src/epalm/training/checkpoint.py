@@ -34,9 +34,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import CheckpointError
-from .feature_cache import fingerprint_diff
-from .io import atomic_write_json, fsync_dir
+from epalm.errors import CheckpointError
+from epalm.data.feature_cache import fingerprint_diff
+from epalm.io import atomic_write_json, fsync_dir
 
 MANIFEST = "checkpoint.json"
 STATE_JSON = "trainer_state.json"

@@ -20,11 +20,11 @@ import torch
 from accelerate.utils import send_to_device
 from torch.utils.data import Dataset, Subset
 
-from .data.loading import default_num_workers, make_loader
-from .io import atomic_write_text
-from .metrics import exact_match
-from .model import EPALM
-from .parallel import is_sharded
+from epalm.data.loading import default_num_workers, make_loader
+from epalm.io import atomic_write_text
+from epalm.evaluation.metrics import exact_match
+from epalm.core.model import EPALM
+from epalm.training.parallel import is_sharded
 
 
 @dataclass
@@ -120,7 +120,7 @@ def score(kind: str, rows: Sequence[dict[str, Any]], caption_metrics: Sequence[s
 
     ``caption_metrics``: a subset of BLEU, METEOR, ROUGE_L, CIDEr, SPICE (default: all of them).
     """
-    from . import metrics
+    from epalm.evaluation import metrics
 
     if kind == "vqa":
         result = metrics.vqa_score({r["sample_id"]: r["prediction"] for r in rows},
@@ -145,7 +145,7 @@ def write_predictions(out_dir: Path, kind: str, rows: Sequence[dict[str, Any]], 
     ``image_id`` is the sample id (COCO: the integer ``cocoid`` the evaluation server expects; MSR-VTT:
     the video id; AudioCaps: the clip's stem), not the media file's stem.
     """
-    from . import metrics
+    from epalm.evaluation import metrics
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if kind == "caption":

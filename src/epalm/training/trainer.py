@@ -13,7 +13,7 @@ by (seed, epoch, index) (``epalm.data.loading``), so results do not depend on th
 Every tensor of a batch is moved to the accelerator's device before the model sees it.
 
 Past one GPU: ``fsdp`` (or an accelerate FSDP launch config) shards the frozen LM's layers with
-FSDP2; ``gradient_checkpointing`` recomputes them in the backward pass (``epalm.parallel``).
+FSDP2; ``gradient_checkpointing`` recomputes them in the backward pass (``epalm.training.parallel``).
 
 Loss normalisation is global: the summed token cross-entropy is divided by the number of
 labelled tokens of the whole (all-process) batch, so 2 processes x 8 samples give the same
@@ -37,13 +37,13 @@ import torch
 from accelerate.utils import send_to_device
 from torch.utils.data import Dataset
 
-from . import checkpoint as ckpt
-from .config import check_fields
-from .errors import CheckpointError, ConfigError, UserError
-from .io import atomic_write_json, atomic_write_text
-from .data.loading import EpochBatchSampler, SeededSamples, default_num_workers, make_loader
-from .model import EPALM
-from .parallel import (
+from epalm.training import checkpoint as ckpt
+from epalm.core.config import check_fields
+from epalm.errors import CheckpointError, ConfigError, UserError
+from epalm.io import atomic_write_json, atomic_write_text
+from epalm.data.loading import EpochBatchSampler, SeededSamples, default_num_workers, make_loader
+from epalm.core.model import EPALM
+from epalm.training.parallel import (
     enable_activation_checkpointing,
     full_trainable_state_dict,
     load_trainable_state_dict,
@@ -289,7 +289,7 @@ class Trainer:
 
     def save_checkpoint(self, name: str = "checkpoint") -> Path:
         """Trainable weights + optimizer + scheduler + RNG + data position, swapped in crash-safely
-        (``epalm.checkpoint``: no pickle; a crash at any point leaves a complete checkpoint)."""
+        (``epalm.training.checkpoint``: no pickle; a crash at any point leaves a complete checkpoint)."""
         acc = self.accelerator
         final = self.out / name
         weights, optimizer_state = self.trainable_state_dict(), self.optimizer_state_dict()  # every process

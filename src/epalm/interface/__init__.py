@@ -1,0 +1,1 @@
+"""epalm.interface."""
