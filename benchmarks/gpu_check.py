@@ -1,6 +1,6 @@
 """One script for a machine with a GPU (< 8 min): does epalm train there, and how fast would the paper run?
 
-1. ``train``: a real single-GPU ``epalm train`` run (``python -m epalm.interface.cli train``) on a generated
+1. ``train``: a real single-GPU ``epalm train`` run (``python -m epalm train``) on a generated
    COCO-format captioning dataset (640x480 JPEGs, ``dataset_coco.json``), a random OPT-350m-sized LM
    with a locally trained BPE tokenizer and a random ViT-B/16, bf16, images through DataLoader
    workers with the release's augmentation, one epoch (a few optimizer steps) then the per-epoch
