@@ -16,7 +16,7 @@ import torch
 
 from epalm.interface.cli import main
 from epalm.data import drumkits, tuxpaint
-from epalm.data.errors import AnnotationError
+from epalm.errors import AnnotationError
 from epalm.recipes.offline_runs import (
     WhisperClipEncoder,
     cli_run,

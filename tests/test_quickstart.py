@@ -16,7 +16,7 @@ from epalm.data.easy_vqa import (
     read_easy_vqa,
     read_easy_vqa_answers,
 )
-from epalm.data.errors import AnnotationError
+from epalm.errors import AnnotationError
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
 SHAPES = ("circle", "rectangle")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from epalm.data.errors import MediaError
+from epalm.errors import MediaError
 
 __all__ = [
     "AUDIOSET_MEAN",

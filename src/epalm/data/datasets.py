@@ -11,7 +11,7 @@ Each item is a dict::
 Use :func:`~epalm.data.text.make_collate_fn` as the ``DataLoader``'s ``collate_fn``.
 
 With ``on_error="raise"`` a broken media file or a missing cached feature raises
-:class:`~epalm.data.errors.MediaError` naming it; with ``"skip"`` the item becomes ``None`` (the
+:class:`~epalm.errors.MediaError` naming it; with ``"skip"`` the item becomes ``None`` (the
 collator drops it), a :class:`SkippedSampleWarning` names the sample and the file, and the sample
 id is appended to ``dataset.skipped`` (in the process that loaded it). A sample is never replaced by
 another one.
@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset
 
-from epalm.data.errors import MediaError
+from epalm.errors import MediaError
 from epalm.data.records import CaptionSample, QASample
 from epalm.data.text import DEFAULT_SEPARATOR, encode_example, encode_prompt, truncate_prompt, vqa_prompt
 from epalm.data.text import add_separator_token as _add_separator_token

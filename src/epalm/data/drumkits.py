@@ -34,7 +34,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from epalm.data.errors import AnnotationError
+from epalm.errors import AnnotationError
 from epalm.data.records import QASample
 
 __all__ = [

@@ -21,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-from epalm.data.errors import AnnotationError, missing_file
+from epalm.errors import AnnotationError, missing_file
 from epalm.data.records import QASample
 
 __all__ = [

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from epalm.data.errors import MediaError
+from epalm.errors import MediaError
 from epalm.io import atomic_write_json
 
 __all__ = [

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from epalm.data.errors import MediaError
+from epalm.errors import MediaError
 
 __all__ = [
     "RELEASE_MEAN",

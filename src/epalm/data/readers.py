@@ -4,7 +4,7 @@ Every reader returns a list of :class:`~epalm.data.records.QASample` or
 :class:`~epalm.data.records.CaptionSample`. Readers only parse annotations: media files are opened
 later by the datasets (pass ``check_files=True`` to verify every media path up front). A missing
 annotation file raises ``FileNotFoundError`` naming the path; a malformed one raises
-:class:`~epalm.data.errors.AnnotationError` (a ``ValueError``) naming the file, the entry and the
+:class:`~epalm.errors.AnnotationError` (a ``ValueError``) naming the file, the entry and the
 missing field, e.g. ``"annotations.json: entry 3 has no 'answers'"``.
 
 ``media_id`` is always the media file's stem; ``id`` is the id of the official result format.
@@ -83,7 +83,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from epalm.data.errors import AnnotationError, missing_file
+from epalm.errors import AnnotationError, missing_file
 from epalm.data.records import CaptionSample, QASample
 
 __all__ = [

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from epalm.data.errors import AnnotationError, MediaError
+from epalm.errors import AnnotationError, MediaError
 from epalm.data.image import load_image_on_white
 from epalm.data.records import CaptionSample
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from epalm.data.errors import MediaError
+from epalm.errors import MediaError
 from epalm.data.image import RELEASE_MEAN, RELEASE_STD, ImageTransform
 
 __all__ = ["sample_frame_indices", "read_video_frames", "VideoLoader"]

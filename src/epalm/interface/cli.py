@@ -272,7 +272,7 @@ def user_error_message(err: BaseException) -> str | None:
     """The one-line message for a user error (bad config, file, media, cache, checkpoint), else None.
 
     The one place that decides what the CLI reports without a traceback."""
-    from epalm.data.errors import MediaError
+    from epalm.errors import MediaError
     from epalm.data.feature_cache import CacheError
 
     if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and (

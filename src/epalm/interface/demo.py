@@ -59,7 +59,7 @@ def make_handler(model, processor, modality: str = "image"):
     Bad input (no file, unreadable file) raises ``gradio.Error``, which the page shows as a message.
     """
     gr = require_gradio()
-    from epalm.data.errors import MediaError
+    from epalm.errors import MediaError
 
     def handle(media_path, question, num_beams, max_new_tokens):
         if not media_path:
@@ -80,7 +80,7 @@ _PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?(?:[\\/][^\\/\s:'\"()]+)+[\\/]?")
 
 def public_message(err: BaseException) -> str:
     """The error's message without the server's file paths (only file names are shown)."""
-    from epalm.data.errors import MediaError
+    from epalm.errors import MediaError
 
     if isinstance(err, MediaError):
         text = f"{Path(err.path).name}: {err.reason}" if err.reason else Path(err.path).name
