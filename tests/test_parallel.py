@@ -94,8 +94,8 @@ SCRIPT = textwrap.dedent('''
             return len(ds)
         def __getitem__(self, i):
             return i, ds[i]
-    from epalm.evaluation.evaluate import GenerationConfig
-    rows = predict(straight.unwrapped, Indexed(), eval_collate, Tok(), GenerationConfig(max_new_tokens=4),
+    from epalm.evaluation.evaluate import DecodingConfig
+    rows = predict(straight.unwrapped, Indexed(), eval_collate, Tok(), DecodingConfig(max_new_tokens=4),
                    batch_size=2, accelerator=acc, progress=False, num_workers=0)
     (out / f"rows{acc.process_index}.json").write_text(json.dumps([[r["sample_id"], r["prediction"]] for r in rows]))
     acc.wait_for_everyone()
