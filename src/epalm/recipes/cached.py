@@ -50,6 +50,8 @@ from epalm.core.model import EPALM
 from epalm.data.processor import EPALMProcessor, MediaConfig, PromptTemplate, dataclass_from_dict
 
 __all__ = ["CachedRunConfig", "RunParts", "TextStates", "greedy_decode", "load_parts", "run_cached",
+           "build_processor", "media_features", "build_model", "train_connectors", "evaluate_rows", "score_rows",
+           "flat_scores", "eval_every", "blind_cache_key", "load_blind_cache", "save_blind_cache",
            "resolve_device", "use_bf16", "cached_config_from_dict", "is_cached_config", "load_cached_config"]
 
 Log = Callable[[str], None]
@@ -316,7 +318,7 @@ def build_processor(cfg: CachedRunConfig, spec: DatasetSpec, tokenizer) -> EPALM
                           decoding={"num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens})
 
 
-def _features(cfg: CachedRunConfig, parts: RunParts, processor: EPALMProcessor, media: dict[str, Path],
+def media_features(cfg: CachedRunConfig, parts: RunParts, processor: EPALMProcessor, media: dict[str, Path],
               device: torch.device, log: Log) -> tuple[torch.Tensor, dict[str, int], dict[str, Any]]:
     """All media's encoder features (from the cache, built on first use): ``(N, k, d)`` float32 on device."""
     from epalm.weights.cache import cache_dir
@@ -341,7 +343,7 @@ def _features(cfg: CachedRunConfig, parts: RunParts, processor: EPALMProcessor, 
     return feats, {m: i for i, m in enumerate(ids)}, info
 
 
-def _build_model(cfg: CachedRunConfig, parts: RunParts, encoder_dim: int, device: torch.device) -> EPALM:
+def build_model(cfg: CachedRunConfig, parts: RunParts, encoder_dim: int, device: torch.device) -> EPALM:
     extra = {} if cfg.variant == "lin" else {"prompt_len": cfg.prompt_len or 0}
     config = EPALMConfig(lm=parts.lm_name or "./lm", encoder=parts.encoder_name or "./encoder", variant=cfg.variant,
                          num_encoder_layers=cfg.num_encoder_layers, inject_start=cfg.inject_start,
@@ -350,9 +352,10 @@ def _build_model(cfg: CachedRunConfig, parts: RunParts, encoder_dim: int, device
     return EPALM(parts.lm, None, config, encoder_dim=encoder_dim).to(device)
 
 
-def _train(cfg: CachedRunConfig, model: EPALM, encoded: list[tuple[tuple[int, ...], tuple[int, ...], int]],
-           feats: torch.Tensor, states: TextStates, out_dir: Path, blind: bool, device: torch.device,
-           bf16: bool, pad_id: int, evaluate: Callable[[EPALM, int], dict] | None = None) -> dict[str, Any]:
+def train_connectors(cfg: CachedRunConfig, model: EPALM,
+                     encoded: list[tuple[tuple[int, ...], tuple[int, ...], int]], feats: torch.Tensor,
+                     states: TextStates, out_dir: Path, blind: bool, device: torch.device,
+                     bf16: bool, pad_id: int, evaluate: Callable[[EPALM, int], dict] | None = None) -> dict[str, Any]:
     """Train the connectors; ``evaluate(model, epoch)`` runs every ``eval_every`` steps (eval.csv, curves.png)."""
     import csv
 
@@ -429,7 +432,7 @@ def decode(cfg: CachedRunConfig, model: EPALM, processor: EPALMProcessor, prompt
     return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
 
 
-def _evaluate(cfg, model, processor, spec, test, feats, row, states, blind: bool) -> list[dict]:
+def evaluate_rows(cfg, model, processor, spec, test, feats, row, states, blind: bool) -> list[dict]:
     prompts = [tuple(processor.encode_prompt(getattr(s, "question", ""))) for s in test]
     if blind:  # no media: the output depends on the prompt only, so decode each distinct prompt once
         unique = list(dict.fromkeys(prompts))
@@ -628,7 +631,7 @@ def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | N
     media: dict[str, Path] = {}
     for s in list(train) + list(test_all):
         media.setdefault(s.media_id, s.media_path)
-    feats, row, feature_info = _features(cfg, parts, processor, media, device, log)
+    feats, row, feature_info = media_features(cfg, parts, processor, media, device, log)
     timings["features"] = time.perf_counter() - t
 
     # 2. tokenization and the media-independent lower LM layers, once per distinct sequence
@@ -641,7 +644,7 @@ def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | N
             e = encode_example(tok, prompt, target, max_length=cfg.max_length)
             cache[(prompt, target)] = (tuple(e.input_ids), tuple(e.labels))
         encoded.append((*cache[(prompt, target)], row[s.media_id]))
-    model = _build_model(cfg, parts, feats.shape[-1], device)
+    model = build_model(cfg, parts, feats.shape[-1], device)
     states = TextStates(model, pad_id, device, bf16)
     t = time.perf_counter()
     test_prompts = [tuple(processor.encode_prompt(getattr(s, "question", ""))) for s in test]
@@ -662,20 +665,20 @@ def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | N
             was_training = m.training
             m.eval()
             try:
-                got = _evaluate(quiet, m, processor, spec, curve, feats, row, run_states, blind=blind_run)
+                got = evaluate_rows(quiet, m, processor, spec, curve, feats, row, run_states, blind=blind_run)
             finally:
                 m.train(was_training)
             return flat_scores(score_rows(spec, got, curve, group_by, cfg.caption_metrics), group_by)
         return evaluate
 
     t = time.perf_counter()
-    train_info = _train(cfg, model, encoded, feats, states, out, False, device, bf16, pad_id,
-                        evaluate=curve_eval(False, fp32_states))
+    train_info = train_connectors(cfg, model, encoded, feats, states, out, False, device, bf16, pad_id,
+                                  evaluate=curve_eval(False, fp32_states))
     timings["train"] = time.perf_counter() - t
 
     # 4. evaluate
     t = time.perf_counter()
-    rows = _evaluate(cfg, model, processor, spec, test, feats, row, fp32_states, blind=False)
+    rows = evaluate_rows(cfg, model, processor, spec, test, feats, row, fp32_states, blind=False)
     scores = score_rows(spec, rows, test, group_by, cfg.caption_metrics)
     timings["evaluate"] = time.perf_counter() - t
     model.save_pretrained(out / "model", processor=processor,
@@ -696,14 +699,14 @@ def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | N
             blind_rows, blind_info = cached
             log(f"blind baseline: reused {path} (same data, LM, recipe and code)")
         else:
-            blind = _build_model(cfg, parts, feats.shape[-1], device)
+            blind = build_model(cfg, parts, feats.shape[-1], device)
             blind_states = TextStates(blind, pad_id, device, bf16)
             blind_states.states = states.states  # identical frozen lower layers
             blind_fp32 = TextStates(blind, pad_id, device, bf16=False)
             blind_fp32.states = fp32_states.states
-            blind_info = _train(cfg, blind, encoded, feats, blind_states, blind_dir, True, device, bf16, pad_id,
-                                evaluate=curve_eval(True, blind_fp32))
-            blind_rows = _evaluate(cfg, blind, processor, spec, test, feats, row, blind_fp32, blind=True)
+            blind_info = train_connectors(cfg, blind, encoded, feats, blind_states, blind_dir, True, device, bf16,
+                                          pad_id, evaluate=curve_eval(True, blind_fp32))
+            blind_rows = evaluate_rows(cfg, blind, processor, spec, test, feats, row, blind_fp32, blind=True)
             blind.engine.remove()
             save_blind_cache(path, key, depends_on, blind_dir, blind_rows, blind_info)
         blind_reuse = {"reused": cached is not None, "key": key, "path": str(path)}
