@@ -5,11 +5,12 @@ on the final step, before the final evaluation), an evaluation per epoch that se
 Every batch draws from the torch, Python and NumPy RNGs, so a resume is exact only if all three
 states are restored.
 
-    python tests/crash_run.py OUT [--resume]
+    python tests/crash_run.py OUT [--resume]      (CRASH_EVAL_EVERY=N: also evaluate every N steps)
 """
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 
@@ -42,7 +43,9 @@ def make_trainer(out: str) -> Trainer:
             loss = m(**probe).loss.item()
         return {"score": -loss, "loss": loss}
 
+    eval_every = int(os.environ.get("CRASH_EVAL_EVERY", "0")) or None  # mid-epoch evaluations (eval.csv rows)
     cfg = TrainConfig(output_dir=out, epochs=EPOCHS, batch_size=8, cpu=True, log_every=1, save_every=3,
+                      eval_every=eval_every,
                       optim=OptimConfig(lr=1e-2, warmup_lr=3e-3, min_lr=1e-3, prompt_lr=1e-2))
     return Trainer(model, data, noisy_collate, cfg, evaluate=evaluate)
 

@@ -120,6 +120,22 @@ def test_kill_at_fault_point_then_resume_is_exact(point, has_checkpoint, has_bes
     assert state["step"] == crash_run.EPOCHS * crash_run.STEPS_PER_EPOCH
 
 
+@pytest.mark.parametrize("point", ["train.after_eval_row@3", "checkpoint.between_renames@3", "train.during_eval@2"])
+def test_mid_epoch_evaluations_resume_exactly(point, tmp_path, monkeypatch):
+    """``eval_every=2``: mid-epoch rows at steps 2, 4, 8 (6 and 9 end epochs); a resume truncates
+    eval.csv by step, so each evaluation appears exactly once, as in an uninterrupted run."""
+    monkeypatch.setenv("CRASH_EVAL_EVERY", "2")
+    ref = tmp_path / "ref"
+    assert _spawn(ref, None) == 0
+    evals = _rows(ref / "eval.csv")
+    assert [int(r["step"]) for r in evals] == [2, 3, 4, 6, 8, 9]
+    out = tmp_path / "run"
+    assert _spawn(out, point) == -9
+    crash_run.make_trainer(str(out)).train(resume=True, allow_fresh=True)
+    problems = _compare(out, ref)
+    assert not problems, problems
+
+
 def test_two_crashes_in_a_row(reference, tmp_path):
     out = tmp_path / "run"
     assert _spawn(out, "checkpoint.between_renames@3") == -9

@@ -174,6 +174,91 @@ def test_quickstart_end_to_end_on_tiny_models(tmp_path):
     assert again["blind_accuracy"] is None
 
 
+def test_quickstart_reports_templates_curves_and_caches_the_blind_baseline(tmp_path):
+    import csv
+
+    from epalm.data.easy_vqa import question_template
+    from epalm.recipes.quickstart import format_summary, run_quickstart
+
+    assert question_template("is there not a red shape in the image?", "yes/no") == "yes/no color -"
+    assert question_template("is no circle present?", "yes/no") == "yes/no shape -"
+    assert question_template("does the image contain a triangle?", "yes/no") == "yes/no shape +"
+    assert question_template("is a teal shape present?", "yes/no") == "yes/no color +"
+    assert question_template("what color is the shape?", "color") == "color"
+    root = write_easy_vqa(tmp_path / "data")
+    assert {s.template for s in read_easy_vqa("test", root)} == {"color", "shape", "yes/no color +"}
+
+    parts = tiny_parts(root)
+    first = run_quickstart(tiny_config(tmp_path, eval_every=3, curve_questions=4), parts)
+    run = tmp_path / "run"
+    saved = json.loads((run / "metrics.json").read_text())
+    templates, sizes = saved["per_template"], saved["group_sizes"]["template"]
+    assert set(templates) == set(sizes) and sum(sizes.values()) == first["test_questions"] == 10
+    assert sum(saved["group_sizes"]["answer_type"].values()) == 10
+    assert all(0.0 <= v <= 1.0 for v in templates.values())
+    assert set(templates) <= {"color", "shape", "yes/no color +"}
+    assert set(saved["blind_per_template"]) == set(templates)
+    assert set(saved["blind_per_answer_type"]) == set(saved["per_answer_type"])
+    assert first["blind_cache"]["reused"] is False
+    summary = format_summary(first)
+    assert "eP-ALM / blind" in summary and "template yes/no color +" in summary and "color questions" in summary
+    # evaluation during training: per-type accuracy at steps 3 and 6, beside the loss in curves.png
+    for where in (run, run / "blind"):
+        evals = list(csv.DictReader((where / "eval.csv").open()))
+        steps = [int(r["step"]) for r in evals]
+        assert {3, 6} <= set(steps) and steps == sorted(steps)  # (plus any epoch ends)
+        assert "eval_accuracy" in evals[0] and any(k.startswith("eval_accuracy_") for k in evals[0])
+        assert (where / "curves.png").stat().st_size > 0
+    curves = (run / "blind" / "eval.csv").read_text()
+
+    # same data, LM, recipe and code: the blind baseline comes from the cache, with the same numbers
+    again = run_quickstart(tiny_config(tmp_path, eval_every=3, curve_questions=4), parts)
+    assert again["blind_cache"]["reused"] is True and again["blind_cache"]["key"] == first["blind_cache"]["key"]
+    assert again["blind_accuracy"] == first["blind_accuracy"]
+    assert again["blind_per_template"] == first["blind_per_template"]
+    assert (run / "blind" / "eval.csv").read_text() == curves and (run / "blind" / "curves.png").is_file()
+    assert "reused from the cache" in format_summary(again)
+    # what is only shown or where it is written does not retrain it
+    moved = run_quickstart(tiny_config(tmp_path, output_dir=str(tmp_path / "run2"), html_examples=3,
+                                       eval_every=3, curve_questions=4), parts)
+    assert moved["blind_cache"]["reused"] is True and (tmp_path / "run2" / "blind" / "eval.csv").is_file()
+    # any change to the recipe trains it again
+    changed = run_quickstart(tiny_config(tmp_path, eval_every=3, curve_questions=4, lr=2e-2), parts)
+    assert changed["blind_cache"]["reused"] is False
+    assert changed["blind_cache"]["key"] != first["blind_cache"]["key"]
+    # --fresh-blind retrains (and gets the same result: the run is deterministic)
+    fresh = run_quickstart(tiny_config(tmp_path, eval_every=3, curve_questions=4, blind_cache=False), parts)
+    assert fresh["blind_cache"]["reused"] is False and fresh["blind_accuracy"] == first["blind_accuracy"]
+    assert (run / "blind" / "eval.csv").read_text().splitlines()[0] == curves.splitlines()[0]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not json", "wrong rows"])
+def test_a_damaged_blind_cache_is_ignored_with_a_warning(tmp_path, damage):
+    from epalm.recipes.quickstart import run_quickstart
+
+    parts = tiny_parts(write_easy_vqa(tmp_path / "data"))
+    cfg = dict(eval_every=0, steps=3)
+    first = run_quickstart(tiny_config(tmp_path, **cfg), parts)
+    path = tmp_path / "cache" / "blind" / f"{first['blind_cache']['key']}.json"
+    assert first["blind_cache"]["path"] == str(path) and path.is_file()
+    assert not (tmp_path / "run" / "blind" / "eval.csv").exists()  # eval_every=0: no curve evaluation
+    text = path.read_text()
+    if damage == "truncated":
+        path.write_text(text[: len(text) // 2])
+    elif damage == "not json":
+        path.write_bytes(b"\x00\xff garbage")
+    else:
+        data = json.loads(text)
+        data["rows"] = data["rows"][:-1]
+        path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="damaged blind-baseline cache"):
+        again = run_quickstart(tiny_config(tmp_path, **cfg), parts)
+    assert again["blind_cache"]["reused"] is False and again["blind_accuracy"] == first["blind_accuracy"]
+    assert json.loads(path.read_text())["key"] == first["blind_cache"]["key"]  # rewritten, whole
+    third = run_quickstart(tiny_config(tmp_path, **cfg), parts)
+    assert third["blind_cache"]["reused"] is True
+
+
 def _config(run):
     from epalm.core.config import EPALMConfig
 

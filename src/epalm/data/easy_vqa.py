@@ -30,6 +30,7 @@ __all__ = [
     "SPLITS",
     "EasyVQANotInstalled",
     "easy_vqa_root",
+    "question_template",
     "read_easy_vqa",
     "read_easy_vqa_answers",
 ]
@@ -107,7 +108,8 @@ def read_easy_vqa(split: str, root: str | os.PathLike | None = None, check_files
         if check_files and not path.is_file():
             raise missing_file(path, f"easy-VQA image {image_id} (entry {i} of {qpath.name})")
         samples.append(QASample(id=f"{split}-{i}", media_id=f"{split}-{image_id}", media_path=path,
-                                question=question, answers=[answer], answer_type=_answer_type(answer)))
+                                question=question, answers=[answer], answer_type=_answer_type(answer),
+                                template=question_template(question, _answer_type(answer))))
     return samples
 
 
@@ -117,3 +119,21 @@ def _answer_type(answer: str) -> str:
     if answer in ("circle", "rectangle", "triangle"):
         return "shape"
     return "color"
+
+
+EASY_VQA_COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
+
+
+def question_template(question: str, answer_type: str) -> str:
+    """The template family of an easy-VQA question (for per-template accuracy).
+
+    ``"yes/no color +"`` ("is there a red shape?"), ``"yes/no color -"`` ("is there not a red
+    shape?", "is no red shape present?"), ``"yes/no shape +"`` / ``"yes/no shape -"`` likewise,
+    and ``"color"`` / ``"shape"`` for the open questions.
+    """
+    if answer_type != "yes/no":
+        return answer_type
+    words = question.lower().rstrip("?").split()
+    about = "color" if any(c in words for c in EASY_VQA_COLORS) else "shape"
+    negative = "not" in words or "no" in words
+    return f"yes/no {about} {'-' if negative else '+'}"

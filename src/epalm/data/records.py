@@ -34,6 +34,7 @@ class QASample:
     answer_type: str | None = None
     weights: list[float] | None = None
     modality: Modality = "image"
+    template: str | None = None  # the question's template family, where the data set has them (easy-VQA)
 
     def most_common_answer(self) -> str | None:
         """The reference answer used for deterministic targets (highest weight/count, first wins)."""

@@ -22,7 +22,7 @@ from typing import Any
 from epalm.data import readers
 from epalm.data.records import CaptionSample, QASample
 
-__all__ = ["DatasetSpec", "DATASETS", "register", "get_dataset", "load_samples", "grouped_split",
+__all__ = ["DatasetSpec", "DATASETS", "group_keys", "register", "get_dataset", "load_samples", "grouped_split",
            "random_split"]
 
 TASKS = ("qa", "caption")
@@ -39,7 +39,9 @@ class DatasetSpec:
     preprocessing: dict[str, Any] = field(default_factory=dict)  # MediaConfig defaults
     splits: tuple[str, ...] = ()  # the split names, when fixed (documentation and errors)
     default_root: str | None = None  # where the data lives when no root is given ("package": the reader's own)
-    group_by: str | None = None  # a sample attribute to break accuracy down by (e.g. answer_type)
+    # sample attributes to break accuracy down by: one ("answer_type"), several ("answer_type,template"
+    # or a list); see group_keys
+    group_by: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.modality not in ("image", "video", "audio"):
@@ -49,12 +51,26 @@ class DatasetSpec:
         if self.metric not in METRICS:
             raise ValueError(f"dataset {self.name!r}: metric must be one of {METRICS}, got {self.metric!r}")
 
+    def group_keys(self) -> list[str]:
+        return group_keys(self.group_by)
+
     def load(self, root: str | Path | None, split: str, **options: Any) -> list:
         """Samples of ``split``; ``root=None``: the dataset's default location."""
         root = root if root is not None else self.default_root
         if root is None:
             raise ValueError(f"dataset {self.name!r} needs a data root")
         return self.read(None if root == "package" else Path(root), split, **options)
+
+
+def group_keys(group_by: str | Sequence[str] | None) -> list[str]:
+    """``"answer_type,template"`` / ``["answer_type", "template"]`` / ``None`` -> the attribute names."""
+    if group_by is None:
+        return []
+    parts = group_by.split(",") if isinstance(group_by, str) else list(group_by)
+    if not all(isinstance(p, str) for p in parts):
+        raise ValueError(f"group_by must be a name, a comma-separated string or a list of names, got {group_by!r}")
+    keys = [p.strip() for p in parts if p.strip()]
+    return list(dict.fromkeys(keys))
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -231,7 +247,7 @@ for _spec in (
     DatasetSpec("audiocaps", "audio", "caption", "caption", _audiocaps, {"audio_features": "ast"}),
     # the offline quickstarts' data (PyPI / Debian packages)
     DatasetSpec("easy_vqa", "image", "qa", "exact_match", _easy_vqa, {"image_size": 56, **_IMAGENET},
-                splits=("train", "test"), default_root="package", group_by="answer_type"),
+                splits=("train", "test"), default_root="package", group_by="answer_type,template"),
     DatasetSpec("drumkits", "audio", "qa", "exact_match", _drumkits,
                 {"audio_features": "whisper", "audio_kwargs": {"context_frames": 400}},
                 splits=("train", "test", "all"), default_root="/usr/share/hydrogen/data/drumkits",

@@ -23,6 +23,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _train(args: argparse.Namespace) -> int:
     from epalm.recipes.cached import is_cached_config, load_cached_config, run_cached
     from epalm.recipes.run import load_run_config, run_train
@@ -172,8 +194,10 @@ def _quickstart(args: argparse.Namespace) -> int:
     cfg = QuickstartConfig(output_dir=args.output_dir, full=args.full, num_test=args.num_test, seed=args.seed,
                            device=args.device, threads=args.threads, skip_blind=args.no_blind,
                            progress=not args.quiet)
-    if args.steps is not None:
-        cfg.steps = args.steps
+    for name in ("steps", "blind_steps", "lr", "eval_every"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    cfg.blind_cache = not args.fresh_blind
     try:
         metrics = run_quickstart(cfg)
     except MissingWeightsPackageError as err:
@@ -256,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     p.add_argument("--steps", type=int, default=None, help="training steps of batch 16 (default: the tuned value)")
     p.add_argument("--no-blind", action="store_true", help="skip the blind (no image) baseline")
+    p.add_argument("--blind-steps", type=_positive_int, default=None,
+                   help="training steps of the blind baseline (default: same as --steps)")
+    p.add_argument("--fresh-blind", action="store_true", help="train the blind baseline even when the cache "
+                   "($EPALM_CACHE/blind) holds one with the same data, LM, recipe and code")
+    p.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default: the tuned value)")
+    p.add_argument("--eval-every", type=_nonnegative_int, default=None, help="evaluate a seeded 256-question "
+                   "subset every N steps for curves.png (default: steps // 8; 0: never)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_quickstart)
 

@@ -28,8 +28,10 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,15 +41,17 @@ from typing import Any
 import torch
 
 from epalm.core.config import EPALMConfig
-from epalm.data.registry import DatasetSpec, get_dataset
+from epalm.data.registry import DatasetSpec, get_dataset, group_keys
 from epalm.data.text import encode_example, pad_sequences, pad_token_id_of
 from epalm.data.feature_cache import encoder_fingerprint, open_or_build
-from epalm.io import atomic_write_json
+from epalm.io import atomic_write_json, atomic_write_text
 from epalm.evaluation.metrics import exact_match, grouped_exact_match
 from epalm.core.model import EPALM
 from epalm.data.processor import EPALMProcessor, MediaConfig, PromptTemplate, dataclass_from_dict
 
 __all__ = ["CachedRunConfig", "RunParts", "TextStates", "greedy_decode", "load_parts", "run_cached",
+           "build_processor", "media_features", "build_model", "train_connectors", "evaluate_rows", "score_rows",
+           "flat_scores", "eval_every", "blind_cache_key", "load_blind_cache", "save_blind_cache",
            "resolve_device", "use_bf16", "cached_config_from_dict", "is_cached_config", "load_cached_config"]
 
 Log = Callable[[str], None]
@@ -88,13 +92,17 @@ class CachedRunConfig:
     max_length: int | None = None  # truncate training texts (tokens)
     bf16: str = "auto"  # training autocast: "auto" | "on" | "off"
     log_every: int | None = 10  # None: twice per epoch
+    eval_every: int | None = None  # evaluate curve_samples every N steps (curves.png); None: steps // 8; 0: never
+    curve_samples: int = 256  # seeded subset of the test sample evaluated during training (curves only)
     # evaluation
     max_new_tokens: int = 4
     num_beams: int = 1  # 1: greedy through the cached upper layers; >1: beam search with generate
     eval_batch_size: int = 128
-    group_by: str | None = None  # sample attribute for per-group metrics (None: the dataset's)
+    # sample attributes for per-group metrics: "answer_type", "answer_type,template" or a list (None: the dataset's)
+    group_by: str | list[str] | None = None
     caption_metrics: list[str] = field(default_factory=lambda: ["BLEU", "ROUGE_L", "CIDEr"])
     blind: bool = True
+    blind_cache: bool = True  # reuse the blind baseline from $EPALM_CACHE/blind when nothing it depends on changed
     html_examples: int = 100
     # caches
     cache_dir: str | None = None  # feature caches (default $EPALM_CACHE/features)
@@ -108,6 +116,11 @@ class CachedRunConfig:
             raise ValueError("set steps or epochs")
         if self.num_beams < 1 or self.max_new_tokens < 1:
             raise ValueError("num_beams and max_new_tokens must be >= 1")
+        if self.eval_every is not None and self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: no evaluation during training), got {self.eval_every}")
+        if self.curve_samples < 1:
+            raise ValueError(f"curve_samples must be >= 1, got {self.curve_samples}")
+        group_keys(self.group_by)  # a bad group_by fails here, naming the field
 
 
 def cached_config_from_dict(data: dict, source: str = "cached") -> CachedRunConfig:
@@ -305,7 +318,7 @@ def build_processor(cfg: CachedRunConfig, spec: DatasetSpec, tokenizer) -> EPALM
                           decoding={"num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens})
 
 
-def _features(cfg: CachedRunConfig, parts: RunParts, processor: EPALMProcessor, media: dict[str, Path],
+def media_features(cfg: CachedRunConfig, parts: RunParts, processor: EPALMProcessor, media: dict[str, Path],
               device: torch.device, log: Log) -> tuple[torch.Tensor, dict[str, int], dict[str, Any]]:
     """All media's encoder features (from the cache, built on first use): ``(N, k, d)`` float32 on device."""
     from epalm.weights.cache import cache_dir
@@ -330,7 +343,7 @@ def _features(cfg: CachedRunConfig, parts: RunParts, processor: EPALMProcessor, 
     return feats, {m: i for i, m in enumerate(ids)}, info
 
 
-def _build_model(cfg: CachedRunConfig, parts: RunParts, encoder_dim: int, device: torch.device) -> EPALM:
+def build_model(cfg: CachedRunConfig, parts: RunParts, encoder_dim: int, device: torch.device) -> EPALM:
     extra = {} if cfg.variant == "lin" else {"prompt_len": cfg.prompt_len or 0}
     config = EPALMConfig(lm=parts.lm_name or "./lm", encoder=parts.encoder_name or "./encoder", variant=cfg.variant,
                          num_encoder_layers=cfg.num_encoder_layers, inject_start=cfg.inject_start,
@@ -339,9 +352,11 @@ def _build_model(cfg: CachedRunConfig, parts: RunParts, encoder_dim: int, device
     return EPALM(parts.lm, None, config, encoder_dim=encoder_dim).to(device)
 
 
-def _train(cfg: CachedRunConfig, model: EPALM, encoded: list[tuple[tuple[int, ...], tuple[int, ...], int]],
-           feats: torch.Tensor, states: TextStates, out_dir: Path, blind: bool, device: torch.device,
-           bf16: bool, pad_id: int) -> dict[str, Any]:
+def train_connectors(cfg: CachedRunConfig, model: EPALM,
+                     encoded: list[tuple[tuple[int, ...], tuple[int, ...], int]], feats: torch.Tensor,
+                     states: TextStates, out_dir: Path, blind: bool, device: torch.device,
+                     bf16: bool, pad_id: int, evaluate: Callable[[EPALM, int], dict] | None = None) -> dict[str, Any]:
+    """Train the connectors; ``evaluate(model, epoch)`` runs every ``eval_every`` steps (eval.csv, curves.png)."""
     import csv
 
     from epalm.training.trainer import OptimConfig, TrainConfig, Trainer
@@ -370,21 +385,29 @@ def _train(cfg: CachedRunConfig, model: EPALM, encoded: list[tuple[tuple[int, ..
         collate, batch_size = (lambda batches, base=collate: base(batches[0])), 1
     steps = cfg.blind_steps if (blind and cfg.blind_steps is not None) else cfg.steps
     epochs = cfg.epochs if steps is None else max(1, math.ceil(steps / per_epoch))
+    total = steps if steps is not None else epochs * per_epoch
+    every = eval_every(cfg, total) if evaluate is not None else None
     tcfg = TrainConfig(output_dir=str(out_dir), epochs=epochs, batch_size=batch_size, seed=cfg.seed, max_steps=steps,
                        log_every=cfg.log_every or max(1, per_epoch // 2), cpu=device.type == "cpu",
+                       eval_every=every,
                        mixed_precision="bf16" if bf16 else "no",
                        num_workers=0,  # in-memory features and text states: no loader processes
                        optim=OptimConfig(lr=cfg.lr, warmup_lr=cfg.lr / 10, min_lr=cfg.lr / 100))
     t0 = time.perf_counter()
-    Trainer(model, items, collate, tcfg).train()
+    # mid-epoch evaluations only: evaluate_fn would also run at each epoch's end, so it is given
+    # to the Trainer only when eval_every is on (and then the epoch ends evaluate as well)
+    Trainer(model, items, collate, tcfg, evaluate=evaluate if every else None).train()
     seconds = time.perf_counter() - t0
-    import shutil
-
     shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # optimizer state: not needed afterwards
     rows = list(csv.DictReader((out_dir / "metrics.csv").open())) if (out_dir / "metrics.csv").exists() else []
-    done = steps if steps is not None else epochs * per_epoch
-    return {"steps": done, "batch_size": cfg.batch_size, "epochs": epochs, "seconds": round(seconds, 1),
+    return {"steps": total, "batch_size": cfg.batch_size, "epochs": epochs, "seconds": round(seconds, 1),
             "final_loss": float(rows[-1]["loss"]) if rows else None}
+
+
+def eval_every(cfg: CachedRunConfig, total_steps: int) -> int | None:
+    """Steps between evaluations during training: ``cfg.eval_every``, or ``total_steps // 8``; None: never."""
+    every = cfg.eval_every if cfg.eval_every is not None else max(1, total_steps // 8)
+    return every or None
 
 
 def decode(cfg: CachedRunConfig, model: EPALM, processor: EPALMProcessor, prompts: list[tuple[int, ...]],
@@ -409,7 +432,7 @@ def decode(cfg: CachedRunConfig, model: EPALM, processor: EPALMProcessor, prompt
     return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
 
 
-def _evaluate(cfg, model, processor, spec, test, feats, row, states, blind: bool) -> list[dict]:
+def evaluate_rows(cfg, model, processor, spec, test, feats, row, states, blind: bool) -> list[dict]:
     prompts = [tuple(processor.encode_prompt(getattr(s, "question", ""))) for s in test]
     if blind:  # no media: the output depends on the prompt only, so decode each distinct prompt once
         unique = list(dict.fromkeys(prompts))
@@ -429,20 +452,145 @@ def _evaluate(cfg, model, processor, spec, test, feats, row, states, blind: bool
     return rows
 
 
-def score_rows(spec: DatasetSpec, rows: list[dict], test: Sequence, group_by: str | None,
+def score_rows(spec: DatasetSpec, rows: list[dict], test: Sequence, group_by: str | Sequence[str] | None,
                caption_metrics: Sequence[str]) -> dict[str, Any]:
-    """The dataset's metric: exact match (fraction, with a breakdown by ``group_by``) or caption scores."""
+    """The dataset's metric: exact match (fraction, with a breakdown ``per_<key>`` for every key of
+    ``group_by``, and ``group_sizes[key][group]``) or caption scores."""
     if spec.task == "caption":
         from epalm.evaluation.metrics import caption_scores
 
         return caption_scores({r["sample_id"]: r["prediction"] for r in rows},
                               {r["sample_id"]: r["references"] for r in rows}, metrics=list(caption_metrics))
-    groups = [group_value(s, group_by) for s in test] if group_by else None
-    result = grouped_exact_match([r["prediction"] for r in rows], [r["answers"] for r in rows], groups)
-    out = {"accuracy": result["accuracy"]}
-    if group_by:
-        out[f"per_{group_by}"] = result["groups"]
+    preds, gts = [r["prediction"] for r in rows], [r["answers"] for r in rows]
+    out: dict[str, Any] = {"accuracy": grouped_exact_match(preds, gts)["accuracy"]}
+    sizes = {}
+    for key in group_keys(group_by):
+        groups = [group_value(s, key) for s in test]
+        out[f"per_{key}"] = grouped_exact_match(preds, gts, groups)["groups"]
+        counts = Counter(g for g in groups if g is not None)
+        sizes[key] = {g: counts[g] for g in out[f"per_{key}"]}
+    if sizes:
+        out["group_sizes"] = sizes
     return out
+
+
+def flat_scores(scores: dict[str, Any], group_by: str | Sequence[str] | None) -> dict[str, float]:
+    """The numbers of a curve evaluation: the metric(s), and accuracy per group of the first key."""
+    out = {k: v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    keys = group_keys(group_by)
+    if keys:
+        out.update({f"accuracy_{g}": v for g, v in scores.get(f"per_{keys[0]}", {}).items()})
+    return out
+
+
+# ----------------------------------------------------------------------------------- blind cache
+def _sha256(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def source_digest() -> str:
+    """Hash of every source file of the epalm package in use (any code change invalidates)."""
+    import epalm
+
+    root = Path(epalm.__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for dist in ("transformers", "accelerate", "numpy", "safetensors"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+# CachedRunConfig fields that cannot change the blind baseline's predictions or curves: where it is
+# written, what is shown, how it is scored (stored predictions are re-scored), and the encoder
+# (blind features are zeros: their shape is in the key); the data is keyed by its content
+BLIND_IRRELEVANT = ("output_dir", "progress", "html_examples", "blind", "blind_cache", "cache_dir",
+                    "feature_batch_size", "caption_metrics", "group_by", "root", "num_test", "encoder",
+                    "encoder_kwargs", "media")
+
+
+def blind_cache_key(cfg: CachedRunConfig, parts: RunParts, encoded: Sequence[tuple], test: Sequence,
+                    feats: torch.Tensor, device: torch.device, bf16: bool) -> tuple[str, dict[str, Any]]:
+    """``(sha256, what it hashes)``: training sequences, test prompts, LM weights, every recipe field
+    that can change the result, device, bf16, threads, epalm's source and the library versions."""
+    from epalm.data.feature_cache import weights_digest
+
+    depends_on = {
+        "train_sequences": _sha256([[list(e[0]), list(e[1])] for e in encoded]),
+        "test_samples": _sha256([[s.id, getattr(s, "question", "")] for s in test]),
+        "lm": [parts.lm_name, *weights_digest(parts.lm)],
+        "feature_shape": list(feats.shape[1:]),
+        "recipe": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in BLIND_IRRELEVANT},
+        "device": device.type, "bf16": bf16,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "epalm_source": source_digest(),
+        "versions": {**parts.versions, **library_versions()},
+    }
+    return _sha256(depends_on), depends_on
+
+
+def blind_cache_path(cfg: CachedRunConfig, key: str) -> Path:
+    """``$EPALM_CACHE/blind/KEY.json`` (``CACHE_DIR/blind/`` when ``cfg.cache_dir`` is set)."""
+    from epalm.weights.cache import cache_dir
+
+    root = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir()
+    return root / "blind" / f"{key}.json"
+
+
+CURVE_FILES = ("metrics.csv", "eval.csv")
+
+
+def load_blind_cache(path: Path, key: str, test: Sequence, blind_dir: Path,
+                     log: Log) -> tuple[list[dict], dict] | None:
+    """``(prediction rows, train info)`` of the cached blind run, its curves restored into ``blind_dir``;
+    None when there is none. A damaged or mismatching file is ignored with a warning (retrained)."""
+    from epalm.training.trainer import plot_curves
+
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("key") != key:
+            raise ValueError("not a blind baseline of this key")
+        rows, info, files = data["rows"], data["train"], data["files"]
+        if (not isinstance(rows, list) or len(rows) != len(test) or not isinstance(info, dict)
+                or not isinstance(files, dict) or set(files) - set(CURVE_FILES)
+                or not all(isinstance(v, str) for v in files.values())):
+            raise ValueError("unexpected structure")
+        for r, s in zip(rows, test):
+            if not isinstance(r, dict) or r.get("sample_id") != s.id or not isinstance(r.get("prediction"), str):
+                raise ValueError("its predictions are not those of this test sample")
+    except (OSError, ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        msg = f"{path}: damaged blind-baseline cache ({err}); ignoring it and training the blind baseline again"
+        warnings.warn(msg, stacklevel=2)
+        log(msg)
+        return None
+    blind_dir.mkdir(parents=True, exist_ok=True)
+    for name in (*CURVE_FILES, "curves.png"):
+        (blind_dir / name).unlink(missing_ok=True)
+    for name, text in files.items():
+        atomic_write_text(blind_dir / name, text)
+    plot_curves(blind_dir)
+    return rows, {**info, "reused_from": str(path)}
+
+
+def save_blind_cache(path: Path, key: str, depends_on: dict, blind_dir: Path, rows: list[dict],
+                     info: dict) -> None:
+    files = {name: (blind_dir / name).read_text(encoding="utf-8") for name in CURVE_FILES
+             if (blind_dir / name).is_file()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"key": key, "depends_on": depends_on, "rows": rows, "train": info, "files": files},
+                      default=str)
 
 
 def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | None = None) -> dict[str, Any]:
@@ -483,7 +631,7 @@ def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | N
     media: dict[str, Path] = {}
     for s in list(train) + list(test_all):
         media.setdefault(s.media_id, s.media_path)
-    feats, row, feature_info = _features(cfg, parts, processor, media, device, log)
+    feats, row, feature_info = media_features(cfg, parts, processor, media, device, log)
     timings["features"] = time.perf_counter() - t
 
     # 2. tokenization and the media-independent lower LM layers, once per distinct sequence
@@ -496,7 +644,7 @@ def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | N
             e = encode_example(tok, prompt, target, max_length=cfg.max_length)
             cache[(prompt, target)] = (tuple(e.input_ids), tuple(e.labels))
         encoded.append((*cache[(prompt, target)], row[s.media_id]))
-    model = _build_model(cfg, parts, feats.shape[-1], device)
+    model = build_model(cfg, parts, feats.shape[-1], device)
     states = TextStates(model, pad_id, device, bf16)
     t = time.perf_counter()
     test_prompts = [tuple(processor.encode_prompt(getattr(s, "question", ""))) for s in test]
@@ -506,14 +654,31 @@ def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | N
         fp32_states.ensure(test_prompts)
     timings["text_states"] = time.perf_counter() - t
 
-    # 3. train
+    # 3. train, evaluating a seeded subset of the test sample now and then (eval.csv, curves.png only)
+    curve = test
+    if cfg.curve_samples < len(test):
+        curve = [test[i] for i in sorted(random.Random(cfg.seed + 1).sample(range(len(test)), cfg.curve_samples))]
+    quiet = dataclasses.replace(cfg, progress=False)
+
+    def curve_eval(blind_run: bool, run_states: TextStates) -> Callable[[EPALM, int], dict]:
+        def evaluate(m: EPALM, _epoch: int) -> dict:
+            was_training = m.training
+            m.eval()
+            try:
+                got = evaluate_rows(quiet, m, processor, spec, curve, feats, row, run_states, blind=blind_run)
+            finally:
+                m.train(was_training)
+            return flat_scores(score_rows(spec, got, curve, group_by, cfg.caption_metrics), group_by)
+        return evaluate
+
     t = time.perf_counter()
-    train_info = _train(cfg, model, encoded, feats, states, out, False, device, bf16, pad_id)
+    train_info = train_connectors(cfg, model, encoded, feats, states, out, False, device, bf16, pad_id,
+                                  evaluate=curve_eval(False, fp32_states))
     timings["train"] = time.perf_counter() - t
 
     # 4. evaluate
     t = time.perf_counter()
-    rows = _evaluate(cfg, model, processor, spec, test, feats, row, fp32_states, blind=False)
+    rows = evaluate_rows(cfg, model, processor, spec, test, feats, row, fp32_states, blind=False)
     scores = score_rows(spec, rows, test, group_by, cfg.caption_metrics)
     timings["evaluate"] = time.perf_counter() - t
     model.save_pretrained(out / "model", processor=processor,
@@ -521,19 +686,31 @@ def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | N
                           encoder=parts.encoder)
     model.engine.remove()  # the blind model hooks the same frozen LM
 
-    # 5. the blind baseline: same LM, prompt, recipe and decoding; all-zero features
-    blind_scores = blind_info = blind_rows = None
+    # 5. the blind baseline: same LM, prompt, recipe and decoding; all-zero features (reused from
+    #    $EPALM_CACHE/blind when nothing it depends on changed: see blind_cache_key)
+    blind_scores = blind_info = blind_rows = blind_reuse = None
     if cfg.blind:
         t = time.perf_counter()
-        blind = _build_model(cfg, parts, feats.shape[-1], device)
-        blind_states = TextStates(blind, pad_id, device, bf16)
-        blind_states.states = states.states  # identical frozen lower layers
-        blind_fp32 = TextStates(blind, pad_id, device, bf16=False)
-        blind_fp32.states = fp32_states.states
-        blind_info = _train(cfg, blind, encoded, feats, blind_states, out / "blind", True, device, bf16, pad_id)
-        blind_rows = _evaluate(cfg, blind, processor, spec, test, feats, row, blind_fp32, blind=True)
-        blind_scores = score_rows(spec, blind_rows, test, group_by, cfg.caption_metrics)
-        blind.engine.remove()
+        blind_dir = out / "blind"
+        key, depends_on = blind_cache_key(cfg, parts, encoded, test, feats, device, bf16)
+        path = blind_cache_path(cfg, key)
+        cached = load_blind_cache(path, key, test, blind_dir, log) if cfg.blind_cache else None
+        if cached is not None:
+            blind_rows, blind_info = cached
+            log(f"blind baseline: reused {path} (same data, LM, recipe and code)")
+        else:
+            blind = build_model(cfg, parts, feats.shape[-1], device)
+            blind_states = TextStates(blind, pad_id, device, bf16)
+            blind_states.states = states.states  # identical frozen lower layers
+            blind_fp32 = TextStates(blind, pad_id, device, bf16=False)
+            blind_fp32.states = fp32_states.states
+            blind_info = train_connectors(cfg, blind, encoded, feats, blind_states, blind_dir, True, device, bf16,
+                                          pad_id, evaluate=curve_eval(True, blind_fp32))
+            blind_rows = evaluate_rows(cfg, blind, processor, spec, test, feats, row, blind_fp32, blind=True)
+            blind.engine.remove()
+            save_blind_cache(path, key, depends_on, blind_dir, blind_rows, blind_info)
+        blind_reuse = {"reused": cached is not None, "key": key, "path": str(path)}
+        blind_scores = score_rows(spec, blind_rows, test, group_by, cfg.caption_metrics)  # the same code, always
         timings["blind"] = time.perf_counter() - t
 
     # 6. outputs
@@ -552,7 +729,8 @@ def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | N
         "task": spec.task,
         "metric": spec.metric,
         **scores,
-        **{f"blind_{k}": (blind_scores or {}).get(k) for k in scores},
+        **{f"blind_{k}": (blind_scores or {}).get(k) for k in scores if k != "group_sizes"},
+        "blind_cache": blind_reuse,
         "test_samples": len(test),
         "test_sample": ("all" if len(test) == len(test_all) else f"seeded random sample (seed {cfg.seed})"),
         "train_samples": len(train),

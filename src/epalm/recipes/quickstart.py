@@ -67,6 +67,9 @@ class QuickstartConfig:
     progress: bool = True
     html_examples: int = 100
     skip_blind: bool = False
+    eval_every: int | None = None  # evaluate curve_questions every N steps (curves.png); None: steps // 8; 0: never
+    curve_questions: int = 256  # seeded subset of the test sample evaluated during training (curves only)
+    blind_cache: bool = True  # reuse the blind baseline from $EPALM_CACHE/blind (False: --fresh-blind)
 
     def recipe(self) -> CachedRunConfig:
         """The cached-features recipe this quickstart runs."""
@@ -82,9 +85,10 @@ class QuickstartConfig:
             encoder_kwargs={"image_size": self.image_size}, media=media, variant=self.variant,
             num_encoder_layers=self.num_encoder_layers, inject_start=self.inject_start, inject_end=self.inject_end,
             lr=self.lr, batch_size=self.batch_size, steps=self.steps, blind_steps=self.blind_steps, bf16=self.bf16,
-            max_new_tokens=self.max_new_tokens, eval_batch_size=self.eval_batch_size, group_by="answer_type",
+            max_new_tokens=self.max_new_tokens, eval_batch_size=self.eval_batch_size, group_by="answer_type,template",
             blind=not self.skip_blind, html_examples=self.html_examples, cache_dir=self.cache_dir,
-            feature_batch_size=self.feature_batch_size, progress=self.progress)
+            feature_batch_size=self.feature_batch_size, progress=self.progress, eval_every=self.eval_every,
+            curve_samples=self.curve_questions, blind_cache=self.blind_cache)
 
 
 class MissingPackagesError(MissingWeightsPackageError):
@@ -189,7 +193,13 @@ def format_summary(m: dict[str, Any]) -> str:
     rows = [("eP-ALM (trained here)", pct(m["accuracy"])),
             ("blind: same LM, prompt and recipe, no image", pct(m["blind_accuracy"]))]
     rows += [(f"published: {name}", pct(value)) for name, value in m["published_baselines"].items()]
-    rows += [(f"  eP-ALM on {kind} questions", pct(value)) for kind, value in m["per_answer_type"].items()]
+    sizes = m.get("group_sizes") or {}
+    for key, label in (("answer_type", "{} questions"), ("template", "  template {}")):
+        blind = m.get(f"blind_per_{key}") or {}
+        rows += [(f"  {label.format(name)} ({sizes.get(key, {}).get(name, '?')} q): eP-ALM / blind",
+                  f"{pct(value)} / {pct(blind.get(name))}") for name, value in (m.get(f"per_{key}") or {}).items()]
+    if (m.get("blind_cache") or {}).get("reused"):
+        rows += [("blind baseline", "reused from the cache (same data, LM, recipe, code; --fresh-blind retrains)")]
     rows += [("wall clock", f"{m['minutes']:.1f} min"),
              ("peak memory (RSS)", f"{m['peak_rss_mb']:.0f} MB" if m.get("peak_rss_mb") else "-"),
              ("device", f"{m['device']}{' (bf16 autocast)' if m['bf16'] else ''}"),

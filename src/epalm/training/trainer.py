@@ -87,6 +87,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute the frozen LM's layers in the backward pass
     fsdp: bool = False  # shard the frozen LM's layers with FSDP2 (also on under an accelerate FSDP config)
     cpu: bool = False
+    eval_every: int | None = None  # also evaluate every N optimizer steps (eval.csv / curves only: no best checkpoint)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
@@ -96,7 +97,7 @@ class TrainConfig:
             raise ConfigError(f"train.optim must be a mapping, got {self.optim!r}")
         check_fields(self, "train", ranges={"epochs": (">=", 1), "batch_size": (">=", 1), "grad_accum": (">=", 1),
                                             "max_steps": (">=", 1), "log_every": (">=", 1), "save_every": (">=", 1),
-                                            "num_workers": (">=", 0), "prefetch_factor": (">=", 1)})
+                                            "eval_every": (">=", 1), "num_workers": (">=", 0), "prefetch_factor": (">=", 1)})
         check_fields(self, "train", choices={"on_nan": ("stop", "skip"), "mixed_precision": ("no", "bf16", "fp16")})
 
 
@@ -343,7 +344,12 @@ class Trainer:
         if self.accelerator.is_main_process:
             ckpt.recover(self.out, "best")
             _truncate_csv(self.out / "metrics.csv", lambda row: int(row["step"]) <= state["step"])
-            _truncate_csv(self.out / "eval.csv", lambda row: int(row["epoch"]) < state["epoch"])
+            # rows of finished epochs, and mid-epoch rows (``eval_every``) up to the checkpoint's step;
+            # not the evaluation of an epoch whose last batch the checkpoint holds (it runs again)
+            epoch_done = state["batch"] >= self.order.batches_per_epoch()
+            _truncate_csv(self.out / "eval.csv", lambda row: int(row["epoch"]) < state["epoch"]
+                          or int(row["step"]) < state["step"]
+                          or (int(row["step"]) == state["step"] and not epoch_done))
         return True
 
     def resume_or_start(self, allow_fresh: bool = False) -> bool:
@@ -518,6 +524,11 @@ class Trainer:
                             for k, v in row.items():
                                 if isinstance(v, float):
                                     tb.add_scalar(f"train/{k}", v, step)
+                if (cfg.eval_every and self.evaluate_fn is not None
+                        and (step % cfg.eval_every == 0 or step == self.total_steps)
+                        and self.state["batch"] < self.order.batches_per_epoch()):  # (the epoch's end evaluates)
+                    self._record_eval(self.evaluate_fn(self.unwrapped, epoch), epoch, tb)
+                    self.model.train()
                 if cfg.save_every and step % cfg.save_every == 0:
                     self.save_checkpoint()
                 if step >= self.total_steps:
@@ -536,15 +547,7 @@ class Trainer:
             return
         metrics = self.evaluate_fn(self.unwrapped, epoch)
         ckpt.fault("train.during_eval")
-        row = {"step": self.state["step"], "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()
-                                                               if isinstance(v, (int, float))}}
-        if self.accelerator.is_main_process:
-            _append_csv(self.out / "eval.csv", row)
-            ckpt.fault("train.after_eval_row")
-            if tb:
-                for k, v in row.items():
-                    if k.startswith("eval_"):
-                        tb.add_scalar(k.replace("eval_", "eval/"), v, self.state["step"])
+        self._record_eval(metrics, epoch, tb)
         score = metrics.get("score")
         best = self.state["best_score"]
         if score is not None and (best is None or score > best):
@@ -561,10 +564,22 @@ class Trainer:
                     raise CheckpointError(f"{self.out}: cannot write best/ ({err.strerror or err}); the previous "
                                           "best/ (if any) is intact") from err
 
+    def _record_eval(self, metrics: dict, epoch: int, tb) -> None:
+        """One row of ``eval.csv`` (the numeric metrics, prefixed ``eval_``), plotted in ``curves.png``."""
+        row = {"step": self.state["step"], "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()
+                                                               if isinstance(v, (int, float))}}
+        if self.accelerator.is_main_process:
+            _append_csv(self.out / "eval.csv", row)
+            ckpt.fault("train.after_eval_row")
+            if tb:
+                for k, v in row.items():
+                    if k.startswith("eval_"):
+                        tb.add_scalar(k.replace("eval_", "eval/"), v, self.state["step"])
+
 
 # TrainConfig fields that may change when resuming (they do not change the weights)
-RESUMABLE = ("output_dir", "log_every", "save_every", "num_workers", "prefetch_factor", "gradient_checkpointing",
-             "cpu", "on_nan")
+RESUMABLE = ("output_dir", "log_every", "eval_every", "save_every", "num_workers", "prefetch_factor",
+             "gradient_checkpointing", "cpu", "on_nan")
 
 
 @contextlib.contextmanager
@@ -643,6 +658,7 @@ def plot_curves(out: Path) -> Path | None:
         for key in [k for k in evals[0] if k.startswith("eval_")]:
             ax.plot([int(r["step"]) for r in evals], [float(r[key]) for r in evals], marker="o", label=key[5:])
         ax.set_xlabel("step")
+        ax.set_ylabel("evaluation")
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
