@@ -119,11 +119,12 @@ _YAMLLoader.add_implicit_resolver(
 
 
 def load_yaml(text: str):
-    """YAML with the safe loader (and ``1e-3`` read as a float)."""
-    return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-_load_yaml = load_yaml
+    """YAML with the safe loader (and ``1e-3`` read as a float): constructs plain data only."""
+    loader = _YAMLLoader(text)  # a SafeLoader: no tags that build Python objects
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _check_keys(data: dict, cls: type, where: str) -> None:
@@ -170,7 +171,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = _load_yaml(value)
+        node[parts[-1]] = load_yaml(value)
     return data
 
 
@@ -179,7 +180,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such config file")
     try:
-        data = _load_yaml(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: invalid YAML: {err}") from err
     if not isinstance(data, dict):
