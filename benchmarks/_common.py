@@ -220,3 +220,25 @@ def load_average() -> list[float] | None:
 
 def safe_name(name: str) -> str:
     return name.replace("/", "_").replace(":", "_")
+
+
+def quickstart_features(config: Path):
+    """The encoder features of a cached-recipe quickstart's train + test samples, cached as the
+    recipe caches them: ``(cfg, samples, train_idx, test_idx, features in sample order, reused)``."""
+    import torch
+
+    from epalm.data.registry import get_dataset
+    from epalm.recipes import cached
+
+    cfg = cached.load_cached_config(config)
+    spec = get_dataset(cfg.dataset)
+    train = spec.load(cfg.root, cfg.train_split, **cfg.dataset_options)
+    test = spec.load(cfg.root, cfg.test_split, **cfg.dataset_options)
+    samples = train + test
+    parts = cached.load_parts(cfg)
+    processor = cached.build_processor(cfg, spec, parts.tokenizer)
+    media = {s.media_id: s.media_path for s in samples}
+    x_all, row, info = cached.media_features(cfg, parts, processor, media, torch.device("cpu"), print)
+    feats = x_all[[row[s.media_id] for s in samples]]
+    return (cfg, samples, list(range(len(train))), list(range(len(train), len(samples))), feats,
+            info["reused"])

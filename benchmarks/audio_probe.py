@@ -15,31 +15,19 @@ from pathlib import Path
 from collections import Counter
 
 import numpy as np
-import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from epalm.data.registry import get_dataset
-from epalm.recipes import cached
+from _common import quickstart_features
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart" / "drumkits.yaml"
 
 
 def main(config: Path = CONFIG) -> None:
     t0 = time.perf_counter()
-    cfg = cached.load_cached_config(config)
-    spec = get_dataset(cfg.dataset)
-    train = spec.load(cfg.root, cfg.train_split, **cfg.dataset_options)
-    test = spec.load(cfg.root, cfg.test_split, **cfg.dataset_options)
-    samples = train + test
-    train_idx, test_idx = list(range(len(train))), list(range(len(train), len(samples)))
-    parts = cached.load_parts(cfg)
-    processor = cached.build_processor(cfg, spec, parts.tokenizer)
-    media = {s.media_id: s.media_path for s in samples}
-    x_all, row, info = cached.media_features(cfg, parts, processor, media, torch.device("cpu"), print)
-    reused = info["reused"]
+    cfg, samples, train_idx, test_idx, feats, reused = quickstart_features(config)
+    feats = feats.numpy()
     t_feat = time.perf_counter()
-    feats = x_all[[row[s.media_id] for s in samples]].numpy()
     y = np.array([s.answers[0] for s in samples])
     out = {"n_train": len(train_idx), "n_test": len(test_idx), "features_reused": reused,
            "features_s": round(t_feat - t0, 1), "classes_test": dict(Counter(y[test_idx]))}
