@@ -31,7 +31,7 @@ def main(config: Path = CONFIG) -> None:
     y = np.array([s.answers[0] for s in samples])
     out = {"n_train": len(train_idx), "n_test": len(test_idx), "features_reused": reused,
            "features_s": round(t_feat - t0, 1), "classes_test": dict(Counter(y[test_idx]))}
-    for name, x in (("last layer", feats[:, -1]), (f"all {x_all.shape[1]} layers", feats.reshape(len(feats), -1))):
+    for name, x in (("last layer", feats[:, -1]), (f"all {feats.shape[1]} layers", feats.reshape(len(feats), -1))):
         for c in (0.1, 1.0, 10.0):
             t = time.perf_counter()
             scaler = StandardScaler().fit(x[train_idx])
