@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from epalm.interface import cli
-from test_recipe import COLOURS, QUESTION, build_models, coco_name, fixture_corpus, recipe, write_config, write_image, write_json
+from test_recipe import (QUESTION, build_models, coco_name, fixture_corpus, recipe, write_config, write_json,
+                         write_small_vqa_root)
 
 torch.set_num_threads(1)
 OUTCOMES: dict[str, str] = {}  # case id -> "clear" | "traceback" | "silent" | "accepted" | "wrong"
@@ -73,18 +74,7 @@ def env(tmp_path_factory):
     base = tmp_path_factory.mktemp("bad")
     models = build_models(base / "models", fixture_corpus())
     root = base / "data"
-    names = list(COLOURS)
-    train, test = [], []
-    for i in range(8):
-        write_image(root / "COCO/images/train2014" / coco_name("train2014", i + 1), COLOURS[names[i % 4]], seed=i)
-        train.append({"question_id": 10 + i, "question": QUESTION, "answer": names[i % 4],
-                      "image": f"train2014/{coco_name('train2014', i + 1)}"})
-    for i in range(4):
-        write_image(root / "COCO/images/val2014" / coco_name("val2014", i + 1), COLOURS[names[i]], seed=50 + i)
-        test.append({"question_id": 20 + i, "question": QUESTION, "answer": [names[i]] * 10,
-                     "image": f"val2014/{coco_name('val2014', i + 1)}"})
-    write_json(root / "vqa/karpathy_train.json", train)
-    write_json(root / "vqa/karpathy_test.json", test)
+    train, test = write_small_vqa_root(root)
     assets = {"models": models, "root": root}
     cfg = write_config(base / "vqa.yaml", recipe(assets, "vqa", base / "runs" / "done",
                                                  train={"epochs": 1, "batch_size": 4, "save_every": 1}))

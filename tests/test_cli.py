@@ -23,7 +23,6 @@ from epalm.data import MediaError, SkippedSampleWarning
 from epalm.recipes.run import CAPTION_DATASETS, RunConfig, load_run_config, media_loader, run_config_from_dict
 
 from test_recipe import (  # the tiny models and fixture writers of the recipe tests
-    COLOURS,
     QUESTION,
     build_models,
     coco_name,
@@ -31,8 +30,8 @@ from test_recipe import (  # the tiny models and fixture writers of the recipe t
     recipe,
     run_cli,
     write_config,
-    write_image,
     write_json,
+    write_small_vqa_root,
 )
 
 torch.set_num_threads(1)
@@ -214,24 +213,13 @@ def small(tmp_path_factory):
     roots = {}
     for name in ("clean", "corrupt"):
         root = base / name
-        names = list(COLOURS)
-        train, test = [], []
-        for i in range(8):
-            write_image(root / "COCO/images/train2014" / coco_name("train2014", i + 1), COLOURS[names[i % 4]], seed=i)
-            train.append({"question_id": 10 + i, "question": QUESTION, "answer": names[i % 4],
-                          "image": f"train2014/{coco_name('train2014', i + 1)}"})
-        for i in range(4):
-            write_image(root / "COCO/images/val2014" / coco_name("val2014", i + 1), COLOURS[names[i]], seed=50 + i)
-            test.append({"question_id": 20 + i, "question": QUESTION, "answer": [names[i]] * 10,
-                         "image": f"val2014/{coco_name('val2014', i + 1)}"})
+        write_small_vqa_root(root)
         if name == "corrupt":
             bad = root / "COCO/images/train2014" / coco_name("train2014", 3)
             bad.write_bytes(b"this is not a JPEG " * 10)
             cut = root / "COCO/images/val2014" / coco_name("val2014", 2)
             cut.write_bytes(cut.read_bytes()[: len(cut.read_bytes()) // 3])
             roots["bad_train"], roots["bad_test"] = bad, cut
-        write_json(root / "vqa/karpathy_train.json", train)
-        write_json(root / "vqa/karpathy_test.json", test)
         roots[name] = root
     return {"base": base, "models": models, **roots}
 

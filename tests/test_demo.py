@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import torch
 
 from epalm.interface import demo
 from epalm.interface.cli import build_parser, main
+from test_recipe import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "what colour is the square?"
@@ -186,12 +186,6 @@ needs_chromium = pytest.mark.skipif(
     reason="needs Debian's chromium and chromedriver: apt-get install -y chromium chromium-driver")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for_server(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -214,7 +208,7 @@ def demo_server(tiny_ckpt, tmp_path):
 
 
 def _serve(checkpoint: Path, tmp_path: Path):
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "server.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}  # uploads land here, not in /tmp/gradio

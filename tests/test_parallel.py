@@ -6,15 +6,12 @@ equality on one process is tested in test_train.py)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+
+from test_recipe import launch_ranks
 
 SCRIPT = textwrap.dedent('''
     import json
@@ -104,46 +101,13 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(script: Path, out: Path, mode: str, world: int) -> None:
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(root / "src"), env.get("PYTHONPATH")])))
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        e = dict(env)
-        if world > 1:
-            e.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                     LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-        procs.append(subprocess.Popen([sys.executable, str(script), str(out), mode], env=e,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=400)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"{mode} world {world} rank {rank} failed:\n{log[-5000:]}"
-
-
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("fsdp")
     script = base / "fsdp_script.py"
     script.write_text(SCRIPT)
-    _launch(script, base / "plain", "plain", world=1)
-    _launch(script, base / "fsdp", "fsdp", world=2)
+    launch_ranks(script, [str(base / "plain"), "plain"], world=1, timeout=400)
+    launch_ranks(script, [str(base / "fsdp"), "fsdp"], world=2, timeout=400)
     return base
 
 

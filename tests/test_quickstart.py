@@ -420,6 +420,13 @@ def test_quickstart_yaml_is_the_quickstart_recipe():
     assert cfg.steps == 10 and cfg.variant == "epalm"
     for name in ("drumkits.yaml", "tuxpaint.yaml"):
         assert load_cached_config(root / name).dataset in ("drumkits", "tuxpaint")
+    # the long easy-VQA recipe is the quickstart with only its budget changed (docs/ablations.md round 3)
+    long = load_cached_config(root / "easy_vqa_long.yaml")
+    budget = {"output_dir", "batch_size", "steps", "eval_every", "curve_samples", "blind_steps"}
+    quick = QuickstartConfig().recipe()
+    changed = {f for f in vars(quick) if getattr(quick, f) != getattr(long, f)}
+    assert changed == budget, changed
+    assert (long.batch_size, long.steps, long.blind_steps) == (64, 2000, 200)
     with pytest.raises(ValueError, match="unknown key"):
         load_cached_config(root / "easy_vqa.yaml", ["cached.stepz=3"])
 

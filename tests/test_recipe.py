@@ -247,6 +247,24 @@ def assets(tmp_path_factory) -> dict:
 FAST_OPTIM = {"lr": 3e-2, "warmup_lr": 1e-2, "min_lr": 3e-3, "prompt_lr": 1e-2, "weight_decay": 0.0}
 
 
+def write_small_vqa_root(root: Path) -> tuple[list[dict], list[dict]]:
+    """Write a VQA v2 Karpathy root of 8 train / 4 test single-colour images (QUESTION, colour
+    answers) under ``root``; returns its (train, test) annotation records."""
+    names = list(COLOURS)
+    train, test = [], []
+    for i in range(8):
+        write_image(root / "COCO/images/train2014" / coco_name("train2014", i + 1), COLOURS[names[i % 4]], seed=i)
+        train.append({"question_id": 10 + i, "question": QUESTION, "answer": names[i % 4],
+                      "image": f"train2014/{coco_name('train2014', i + 1)}"})
+    for i in range(4):
+        write_image(root / "COCO/images/val2014" / coco_name("val2014", i + 1), COLOURS[names[i]], seed=50 + i)
+        test.append({"question_id": 20 + i, "question": QUESTION, "answer": [names[i]] * 10,
+                     "image": f"val2014/{coco_name('val2014', i + 1)}"})
+    write_json(root / "vqa/karpathy_train.json", train)
+    write_json(root / "vqa/karpathy_test.json", test)
+    return train, test
+
+
 def recipe(assets: dict, task: str, out: Path, **sections) -> dict:
     """A recipe dict for ``task`` (vqa | coco | msrvtt_qa | audiocaps) on the fixture data."""
     m = assets["models"]
@@ -642,35 +660,39 @@ DDP_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _launch(script: Path, out: Path, config: str, world: int) -> None:
+def launch_ranks(script: Path, args: list[str], world: int, timeout: float = 240) -> None:
+    """Run ``python script *args`` as ``world`` torch.distributed ranks on this host (one process
+    when ``world == 1``, without distributed env) and fail with each failing rank's log."""
+    root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    port = _free_port()
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(root / "src"), env.get("PYTHONPATH")])))
+    port = free_port()
     procs = []
     for rank in range(world):
         e = dict(env)
         if world > 1:
             e.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-        procs.append(subprocess.Popen([sys.executable, str(script), str(out), config], env=e,
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=e,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = []
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=240)[0])
+            logs.append(p.communicate(timeout=timeout)[0])
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"world {world} rank {rank} failed:\n{log[-4000:]}"
+        assert p.returncode == 0, f"{' '.join(args)}: world {world} rank {rank} failed:\n{log[-5000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -679,8 +701,8 @@ def ddp_runs(assets, tmp_path_factory):
     script = base / "ddp_script.py"
     script.write_text(DDP_SCRIPT)
     config = write_config(base / "vqa.yaml", recipe(assets, "vqa", base / "unused", train={"batch_size": 8}))
-    _launch(script, base / "one", config, world=1)
-    _launch(script, base / "two", config, world=2)
+    launch_ranks(script, [str(base / "one"), config], world=1)
+    launch_ranks(script, [str(base / "two"), config], world=2)
     return base
 
 
