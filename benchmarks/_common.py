@@ -222,9 +222,10 @@ def safe_name(name: str) -> str:
     return name.replace("/", "_").replace(":", "_")
 
 
-def quickstart_features(config: Path):
+def quickstart_features(config: Path, parts=None):
     """The encoder features of a cached-recipe quickstart's train + test samples, cached as the
-    recipe caches them: ``(cfg, samples, train_idx, test_idx, features in sample order, reused)``."""
+    recipe caches them: ``(cfg, samples, train_idx, test_idx, features in sample order, reused)``.
+    ``parts``: the config's already loaded ``cached.load_parts(cfg)`` (loaded here when None)."""
     import torch
 
     from epalm.data.registry import get_dataset
@@ -235,10 +236,22 @@ def quickstart_features(config: Path):
     train = spec.load(cfg.root, cfg.train_split, **cfg.dataset_options)
     test = spec.load(cfg.root, cfg.test_split, **cfg.dataset_options)
     samples = train + test
-    parts = cached.load_parts(cfg)
+    parts = parts if parts is not None else cached.load_parts(cfg)
     processor = cached.build_processor(cfg, spec, parts.tokenizer)
     media = {s.media_id: s.media_path for s in samples}
     x_all, row, info = cached.media_features(cfg, parts, processor, media, torch.device("cpu"), print)
     feats = x_all[[row[s.media_id] for s in samples]]
     return (cfg, samples, list(range(len(train))), list(range(len(train), len(samples))), feats,
             info["reused"])
+
+
+def easy_vqa_attributes(samples) -> dict[str, dict[str, str]]:
+    """``{media_id: {"color": ..., "shape": ...}}``: each easy-VQA image's colour and shape, read from
+    the answers of its own open questions (an image may lack one of them)."""
+    from collections import defaultdict
+
+    attrs: dict[str, dict[str, str]] = defaultdict(dict)
+    for s in samples:
+        if s.answer_type in ("color", "shape"):
+            attrs[s.media_id][s.answer_type] = s.answers[0]
+    return dict(attrs)

@@ -23,12 +23,14 @@ import numpy as np, torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from epalm.data.easy_vqa import read_easy_vqa
+
+from _common import easy_vqa_attributes
 ap = argparse.ArgumentParser()
 ap.add_argument("--feat", default="k6"); ap.add_argument("--tokens", default="all")
 ap.add_argument("--steps", type=int, default=400); ap.add_argument("--lr", type=float, default=1e-3)
 ap.add_argument("--bs", type=int, default=16); ap.add_argument("--neval", type=int, default=1000)
 ap.add_argument("--eval_every", type=int, default=100); ap.add_argument("--bf16", type=int, default=1)
-ap.add_argument("--place", default="after"); ap.add_argument("--qaware", type=int, default=0); ap.add_argument("--oracle", type=int, default=0); ap.add_argument("--tag", default="")
+ap.add_argument("--qaware", type=int, default=0); ap.add_argument("--oracle", type=int, default=0); ap.add_argument("--tag", default="")
 a = ap.parse_args()
 torch.manual_seed(0); torch.set_num_threads(2)
 CACHE = os.environ.get("EPALM_CACHE", os.path.expanduser("~/.cache/epalm"))
@@ -42,9 +44,7 @@ index = json.load(open(f"{CACHE}/features/{fdir}/index.json"))
 if a.tokens == "last": F = F[:, -1:]
 K = 6 if a.oracle else F.shape[1] + (1 if a.qaware else 0)
 train = read_easy_vqa("train"); test = read_easy_vqa("test")
-attr = collections.defaultdict(dict)
-for s_ in train + test:
-    if s_.answer_type in ("color", "shape"): attr[s_.media_id][s_.answer_type] = s_.answers[0]
+attr = collections.defaultdict(dict, easy_vqa_attributes(train + test))
 if a.oracle:
     train = [s_ for s_ in train if len(attr[s_.media_id]) == 2]; test = [s_ for s_ in test if len(attr[s_.media_id]) == 2]
 random.Random(0).shuffle(test); test = test[:a.neval]
@@ -115,7 +115,6 @@ def run(samples, with_answer=True):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(a.bf16)):
         out = lm(inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=False)
     return out.logits.float(), labels
-first = {}
 def evaluate():
     conn.eval(); hits = collections.Counter(); tot = collections.Counter()
     with torch.no_grad():

@@ -22,22 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from _common import machine_info, quickstart_features
+from _common import easy_vqa_attributes, machine_info, quickstart_features
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart" / "easy_vqa.yaml"
 CHECKPOINTS = (100, 200, 400, 800, 1600, 2400, 4000, 8000)
 
 
-def question_vectors(cfg, samples) -> dict[str, torch.Tensor]:
-    from epalm.recipes import cached
-
-    parts = cached.load_parts(cfg)
+def question_vectors(parts, samples) -> dict[str, torch.Tensor]:
     table = parts.lm.get_input_embeddings().weight.detach().float()
     tok = parts.tokenizer
     return {q: table[tok(q, add_special_tokens=False).input_ids].mean(0) for q in {s.question for s in samples}}
@@ -47,12 +43,8 @@ def oracle_attributes(samples) -> dict[str, torch.Tensor]:
     from epalm.data.easy_vqa import EASY_VQA_COLORS
 
     shapes = ("circle", "rectangle", "triangle")
-    attrs: dict[str, dict] = defaultdict(dict)
-    for s in samples:
-        if s.answer_type in ("color", "shape"):
-            attrs[s.media_id][s.answer_type] = s.answers[0]
     out = {}
-    for media, a in attrs.items():
+    for media, a in easy_vqa_attributes(samples).items():
         v = torch.zeros(len(EASY_VQA_COLORS) + len(shapes))
         if "color" in a:
             v[EASY_VQA_COLORS.index(a["color"])] = 1
@@ -95,9 +87,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/yesno-probe-cpu.json"))
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    cfg, samples, train_idx, test_idx, feats, reused = quickstart_features(CONFIG)
+    from epalm.recipes import cached
+
+    parts = cached.load_parts(cached.load_cached_config(CONFIG))
+    cfg, samples, train_idx, test_idx, feats, reused = quickstart_features(CONFIG, parts)
     image = feats[:, -1].float()
-    qvec = question_vectors(cfg, samples)
+    qvec = question_vectors(parts, samples)
     oracle = oracle_attributes(samples)
     tr = [i for i in train_idx if samples[i].answer_type == "yes/no"]
     te = [i for i in test_idx if samples[i].answer_type == "yes/no"]
