@@ -232,6 +232,51 @@ def test_quickstart_reports_templates_curves_and_caches_the_blind_baseline(tmp_p
     assert (run / "blind" / "eval.csv").read_text().splitlines()[0] == curves.splitlines()[0]
 
 
+def test_blind_baseline_stops_at_its_plateau_the_question_only_prior(tmp_path):
+    from epalm.data.registry import get_dataset
+    from epalm.recipes.cached import (BlindPlateau, TextStates, build_model, build_processor, evaluate_rows,
+                                      score_rows)
+    from epalm.recipes.quickstart import run_quickstart
+
+    root = write_easy_vqa(tmp_path / "data")
+    parts = tiny_parts(root)
+    recipe = tiny_config(tmp_path).recipe()
+    spec = get_dataset("easy_vqa")
+    train = spec.load(str(root), "train")
+    processor = build_processor(recipe, spec, parts.tokenizer)
+    model = build_model(recipe, parts, 24, torch.device("cpu")).eval()
+    states = TextStates(model, 1, torch.device("cpu"), bf16=False)
+    plateau = BlindPlateau(recipe, processor, train, states, (2, 24), torch.device("cpu"), lambda m: None)
+    # 12 images: colours red/blue/green 4 each, circle/rectangle 6 each, "is there a red shape?" 4 yes / 8 no:
+    # the best answer per question scores 4 + 6 + 8 of 36
+    assert len(plateau.prompts) == 3 and plateau.prior == pytest.approx((4 + 6 + 8) / 36)
+    # its accuracy is the evaluation's own blind accuracy on the training questions
+    feats = torch.zeros(len(train), 2, 24)
+    rows = evaluate_rows(recipe, model, processor, spec, train, feats, {s.media_id: i for i, s in enumerate(train)},
+                         states, blind=True)
+    acc = plateau.accuracy(model)
+    assert acc == pytest.approx(score_rows(spec, rows, train, None, [])["accuracy"]) and acc < plateau.prior
+    assert plateau(model, 7) is False and plateau.history == [{"step": 7, "train_accuracy": round(acc, 5)}]
+    model.engine.remove()
+
+    # within the tolerance of the prior at the first check (a loose one: this tiny LM learns nothing in 12
+    # steps): the blind run stops there
+    metrics = run_quickstart(tiny_config(tmp_path, steps=12, blind_check_every=3, eval_every=0,
+                                         blind_tolerance=0.5), parts)
+    blind, report = metrics["blind_train"], metrics["blind_train"]["plateau"]
+    assert report["reached"] and blind["stopped_early"] and blind["steps"] == 3 and blind["max_steps"] == 12
+    assert report["checks"][-1]["train_accuracy"] >= report["prior_train_accuracy"] - 0.5
+    assert metrics["train"]["steps"] == 12 and not metrics["train"]["stopped_early"]  # the eP-ALM run: never
+    # not within it (a random tiny LM that a constant token cannot steer): the whole budget, checked every 3 steps
+    metrics = run_quickstart(tiny_config(tmp_path, steps=12, blind_check_every=3, eval_every=0), parts)
+    blind, report = metrics["blind_train"], metrics["blind_train"]["plateau"]
+    assert blind["steps"] == 12 and not blind["stopped_early"] and not report["reached"]
+    assert [c["step"] for c in report["checks"]] == [3, 6, 9]  # (step 12 ends the run anyway)
+    # switched off: no checks
+    full = run_quickstart(tiny_config(tmp_path, steps=12, eval_every=0, blind_stop_at_plateau=False), parts)
+    assert full["blind_train"]["steps"] == 12 and "plateau" not in full["blind_train"]
+
+
 @pytest.mark.parametrize("damage", ["truncated", "not json", "wrong rows"])
 def test_a_damaged_blind_cache_is_ignored_with_a_warning(tmp_path, damage):
     from epalm.recipes.quickstart import run_quickstart

@@ -63,6 +63,31 @@ def test_resume_gives_identical_weights(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_should_stop_ends_training_where_it_says_and_a_resume_stays_stopped(tmp_path):
+    calls = []
+
+    def stop_at_5(model, step):
+        calls.append((step, model.training))
+        model.eval()  # a check may evaluate the model: the loop puts it back in training mode
+        return step >= 5
+
+    cfg_kw = dict(epochs=3)  # 3 steps per epoch: 9 steps at most
+    trainer, model = run(tmp_path, "stop", **cfg_kw)
+    trainer.should_stop = stop_at_5
+    state = trainer.train()
+    assert calls == [(s, True) for s in range(1, 6)]
+    assert state["step"] == 5 and state["stopped_at"] == 5
+    assert (tmp_path / "stop" / "metrics.csv").read_text().count("\n") == 6  # header + 5 steps
+    weights = trainable(model)
+    again, m2 = run(tmp_path, "stop", **cfg_kw)
+    state = again.train(resume=True)
+    assert state["step"] == 5 and state["stopped_at"] == 5  # a resumed run trains nothing more
+    for k, v in trainable(m2).items():
+        assert torch.equal(weights[k], v), k
+    with pytest.raises(ValueError, match="stop_every"):
+        Trainer(make_model(), ColourDataset(24), collate, again.cfg, should_stop=stop_at_5, stop_every=0)
+
+
 def test_nan_loss_stops_with_clear_message_or_skips(tmp_path):
     trainer, model = run(tmp_path, "nan", epochs=1)
     with torch.no_grad():

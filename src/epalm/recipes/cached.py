@@ -103,6 +103,12 @@ class CachedRunConfig:
     caption_metrics: list[str] = field(default_factory=lambda: ["BLEU", "ROUGE_L", "CIDEr"])
     blind: bool = True
     blind_cache: bool = True  # reuse the blind baseline from $EPALM_CACHE/blind when nothing it depends on changed
+    # QA: stop the blind run once its answers to the distinct training questions score within
+    # blind_tolerance of the question-only prior on the training set (its plateau: see blind_plateau_check),
+    # checked every blind_check_every steps; blind_steps (default: steps) is the upper bound
+    blind_stop_at_plateau: bool = True
+    blind_check_every: int = 10
+    blind_tolerance: float = 0.001
     html_examples: int = 100
     # caches
     cache_dir: str | None = None  # feature caches (default $EPALM_CACHE/features)
@@ -120,6 +126,10 @@ class CachedRunConfig:
             raise ValueError(f"eval_every must be >= 0 (0: no evaluation during training), got {self.eval_every}")
         if self.curve_samples < 1:
             raise ValueError(f"curve_samples must be >= 1, got {self.curve_samples}")
+        if self.blind_check_every < 1:
+            raise ValueError(f"blind_check_every must be >= 1, got {self.blind_check_every}")
+        if not 0 <= self.blind_tolerance < 1:
+            raise ValueError(f"blind_tolerance must be in [0, 1), got {self.blind_tolerance}")
         group_keys(self.group_by)  # a bad group_by fails here, naming the field
 
 
@@ -355,8 +365,10 @@ def build_model(cfg: CachedRunConfig, parts: RunParts, encoder_dim: int, device:
 def train_connectors(cfg: CachedRunConfig, model: EPALM,
                      encoded: list[tuple[tuple[int, ...], tuple[int, ...], int]], feats: torch.Tensor,
                      states: TextStates, out_dir: Path, blind: bool, device: torch.device,
-                     bf16: bool, pad_id: int, evaluate: Callable[[EPALM, int], dict] | None = None) -> dict[str, Any]:
-    """Train the connectors; ``evaluate(model, epoch)`` runs every ``eval_every`` steps (eval.csv, curves.png)."""
+                     bf16: bool, pad_id: int, evaluate: Callable[[EPALM, int], dict] | None = None,
+                     should_stop: Callable[[EPALM, int], bool] | None = None, stop_every: int = 1) -> dict[str, Any]:
+    """Train the connectors; ``evaluate(model, epoch)`` runs every ``eval_every`` steps (eval.csv, curves.png);
+    ``should_stop(model, step)`` every ``stop_every`` steps may end training early."""
     import csv
 
     from epalm.training.trainer import OptimConfig, TrainConfig, Trainer
@@ -396,11 +408,13 @@ def train_connectors(cfg: CachedRunConfig, model: EPALM,
     t0 = time.perf_counter()
     # mid-epoch evaluations only: evaluate_fn would also run at each epoch's end, so it is given
     # to the Trainer only when eval_every is on (and then the epoch ends evaluate as well)
-    Trainer(model, items, collate, tcfg, evaluate=evaluate if every else None).train()
+    state = Trainer(model, items, collate, tcfg, evaluate=evaluate if every else None, should_stop=should_stop,
+                    stop_every=stop_every).train()
     seconds = time.perf_counter() - t0
     shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # optimizer state: not needed afterwards
     rows = list(csv.DictReader((out_dir / "metrics.csv").open())) if (out_dir / "metrics.csv").exists() else []
-    return {"steps": total, "batch_size": cfg.batch_size, "epochs": epochs, "seconds": round(seconds, 1),
+    return {"steps": state["step"], "max_steps": total, "stopped_early": state.get("stopped_at") is not None,
+            "batch_size": cfg.batch_size, "epochs": epochs, "seconds": round(seconds, 1),
             "final_loss": float(rows[-1]["loss"]) if rows else None}
 
 
@@ -593,6 +607,64 @@ def save_blind_cache(path: Path, key: str, depends_on: dict, blind_dir: Path, ro
                       default=str)
 
 
+class BlindPlateau:
+    """When the blind baseline has reached its plateau, checked on the training set (QA datasets).
+
+    The blind model sees all-zero features, so its answer is a function of the question alone. On
+    the training set the best any such function can score is the *question-only prior*: for each
+    distinct question, its most frequent training answer (scored with the dataset's exact match).
+    Next-token training minimises cross-entropy, whose minimiser answers exactly that: it is the
+    plateau. A call decodes each distinct training question once (greedy, fp32, as the evaluation)
+    and scores the answers against every training answer of that question; once that accuracy is
+    within ``tolerance`` of the prior's, no further training can raise it by more than
+    ``tolerance``, and the run stops (``Trainer(should_stop=...)``). ``history`` keeps every check.
+    """
+
+    def __init__(self, cfg: CachedRunConfig, processor: EPALMProcessor, train: Sequence, states: TextStates,
+                 feature_shape: Sequence[int], device: torch.device, log: Log) -> None:
+        groups: dict[tuple[int, ...], list] = {}
+        for s in train:
+            groups.setdefault(tuple(processor.encode_prompt(getattr(s, "question", ""))), []).append(s.answers)
+        self.prompts = list(groups)
+        self.answers = [groups[p] for p in self.prompts]
+        self.total = len(train)
+        self.prior_correct = 0
+        for answers in self.answers:
+            candidates = {a[0] for a in answers if a}
+            self.prior_correct += max((sum(exact_match(c, refs) for refs in answers) for c in candidates), default=0)
+        self.prior = self.prior_correct / max(self.total, 1)
+        self.cfg, self.processor, self.states, self.log = dataclasses.replace(cfg, progress=False), processor, states, log
+        self.zeros = torch.zeros((len(self.prompts), *feature_shape), device=device)
+        self.tolerance = cfg.blind_tolerance
+        self.history: list[dict[str, float]] = []
+
+    def accuracy(self, model: EPALM) -> float:
+        """The blind model's accuracy on the training set (each distinct question decoded once)."""
+        was_training = model.training
+        model.eval()
+        try:
+            texts = decode(self.cfg, model, self.processor, self.prompts, self.zeros, self.states, "blind plateau")
+        finally:
+            model.train(was_training)
+        correct = sum(sum(exact_match(t, refs) for refs in answers) for t, answers in zip(texts, self.answers))
+        return correct / max(self.total, 1)
+
+    def __call__(self, model: EPALM, step: int) -> bool:
+        acc = self.accuracy(model)
+        self.history.append({"step": step, "train_accuracy": round(acc, 5)})
+        done = acc >= self.prior - self.tolerance
+        if done:
+            self.log(f"blind baseline at its plateau at step {step}: training accuracy {acc:.2%}, question-only "
+                     f"prior {self.prior:.2%} (tolerance {self.tolerance:.2%})")
+        return done
+
+    def report(self) -> dict[str, Any]:
+        return {"criterion": "training-set accuracy of the blind answers >= question-only prior - tolerance",
+                "prior_train_accuracy": round(self.prior, 5), "tolerance": self.tolerance,
+                "distinct_questions": len(self.prompts), "checks": self.history,
+                "reached": bool(self.history) and self.history[-1]["train_accuracy"] >= self.prior - self.tolerance}
+
+
 def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | None = None) -> dict[str, Any]:
     """Run the recipe (see the module doc); returns the metrics also written to ``RUN/metrics.json``."""
     from epalm.evaluation.evaluate import write_examples_html
@@ -704,8 +776,13 @@ def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | N
             blind_states.states = states.states  # identical frozen lower layers
             blind_fp32 = TextStates(blind, pad_id, device, bf16=False)
             blind_fp32.states = fp32_states.states
+            plateau = (BlindPlateau(cfg, processor, train, blind_fp32, feats.shape[1:], device, log)
+                       if cfg.blind_stop_at_plateau and spec.task == "qa" else None)
             blind_info = train_connectors(cfg, blind, encoded, feats, blind_states, blind_dir, True, device, bf16,
-                                          pad_id, evaluate=curve_eval(True, blind_fp32))
+                                          pad_id, evaluate=curve_eval(True, blind_fp32), should_stop=plateau,
+                                          stop_every=cfg.blind_check_every)
+            if plateau is not None:
+                blind_info["plateau"] = plateau.report()
             blind_rows = evaluate_rows(cfg, blind, processor, spec, test, feats, row, blind_fp32, blind=True)
             blind.engine.remove()
             save_blind_cache(path, key, depends_on, blind_dir, blind_rows, blind_info)

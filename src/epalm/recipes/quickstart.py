@@ -70,6 +70,9 @@ class QuickstartConfig:
     eval_every: int | None = None  # evaluate curve_questions every N steps (curves.png); None: steps // 8; 0: never
     curve_questions: int = 256  # seeded subset of the test sample evaluated during training (curves only)
     blind_cache: bool = True  # reuse the blind baseline from $EPALM_CACHE/blind (False: --fresh-blind)
+    blind_stop_at_plateau: bool = True  # stop the blind run once it provably sits at the question-only prior
+    blind_check_every: int = 10
+    blind_tolerance: float = 0.001
 
     def recipe(self) -> CachedRunConfig:
         """The cached-features recipe this quickstart runs."""
@@ -88,7 +91,9 @@ class QuickstartConfig:
             max_new_tokens=self.max_new_tokens, eval_batch_size=self.eval_batch_size, group_by="answer_type,template",
             blind=not self.skip_blind, html_examples=self.html_examples, cache_dir=self.cache_dir,
             feature_batch_size=self.feature_batch_size, progress=self.progress, eval_every=self.eval_every,
-            curve_samples=self.curve_questions, blind_cache=self.blind_cache)
+            curve_samples=self.curve_questions, blind_cache=self.blind_cache,
+            blind_stop_at_plateau=self.blind_stop_at_plateau, blind_check_every=self.blind_check_every,
+            blind_tolerance=self.blind_tolerance)
 
 
 class MissingPackagesError(MissingWeightsPackageError):

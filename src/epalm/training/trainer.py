@@ -174,6 +174,10 @@ class Trainer:
 
     ``evaluate(model, epoch) -> dict`` runs after every epoch; its ``"score"`` (higher is better)
     selects the best checkpoint, saved to ``output_dir/best``.
+
+    ``should_stop(model, step) -> bool`` runs every ``stop_every`` optimizer steps: True ends training
+    there (``state["stopped_at"]``, checkpointed: a resumed run stays stopped). The cached recipe's blind
+    baseline uses it to stop once it provably sits at its plateau.
     """
 
     # every batch key that EPALM.forward accepts is passed on (pixel_values, features, text_states, ...)
@@ -188,6 +192,8 @@ class Trainer:
         config: TrainConfig,
         evaluate: Callable[[EPALM, int], dict] | None = None,
         fingerprint: dict | None = None,
+        should_stop: Callable[[EPALM, int], bool] | None = None,
+        stop_every: int = 1,
     ) -> None:
         from accelerate import Accelerator
         from accelerate.utils import DistributedType
@@ -206,6 +212,9 @@ class Trainer:
                              f"({acc.num_processes} x {config.grad_accum})")
         self.micro_batch = config.batch_size // (acc.num_processes * config.grad_accum)
         self.dataset, self.collate, self.evaluate_fn = train_dataset, collate, evaluate
+        if stop_every < 1:
+            raise ValueError(f"stop_every must be >= 1, got {stop_every}")
+        self.should_stop, self.stop_every = should_stop, stop_every
         self.order = EpochOrder(len(train_dataset), config.batch_size // config.grad_accum, config.seed)
         self.steps_per_epoch = math.ceil(self.order.batches_per_epoch() / config.grad_accum)
         self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
@@ -498,6 +507,7 @@ class Trainer:
         self.model.train()
         # a checkpoint taken after an epoch's last batch but before its evaluation: close that epoch
         done = self.state["step"] >= self.total_steps and self.state["batch"] < self.order.batches_per_epoch()
+        done = done or self.state.get("stopped_at") is not None
         while not done and self.state["epoch"] < cfg.epochs:
             epoch = self.state["epoch"]
             for window in self._loader(epoch, self.state["batch"]):
@@ -534,12 +544,19 @@ class Trainer:
                 if step >= self.total_steps:
                     done = True
                     break
+                if self.should_stop is not None and step % self.stop_every == 0:
+                    stop = self.should_stop(self.unwrapped, step)
+                    self.model.train()
+                    if stop:
+                        self.state["stopped_at"] = step
+                        done = True
+                        break
             if not done or self.state["batch"] >= self.order.batches_per_epoch():
                 self.state["epoch"] += 1
                 self.state["batch"] = 0
                 self._end_of_epoch(epoch, tb)
             self.save_checkpoint()
-            done = done or self.state["step"] >= self.total_steps
+            done = done or self.state["step"] >= self.total_steps or self.state.get("stopped_at") is not None
         bar.close()
 
     def _end_of_epoch(self, epoch: int, tb) -> None:
