@@ -15,6 +15,11 @@ Rows:
 * ``oracle attributes``: the image replaced by one-hot colour (8) + shape (3), read from the
   image's own open questions: whether the difficulty is the feature or the comparison.
 
+``--variants`` runs instead the image+question probe under other sampling and learning rates
+(``benchmarks/results/yesno-probe-variants-cpu.json``): uniform, or balanced so that yes and no weigh
+the same within each distinct question (``question``) or each template (``template``); lr 1e-3,
+3e-3, 1e-2. Neither balancing nor a higher lr makes the comparison cheaper.
+
 Prints one JSON line; writes ``--out``. Accuracy is on all yes/no test questions.
 """
 from __future__ import annotations
@@ -59,14 +64,24 @@ def standardise(train: torch.Tensor, *others: torch.Tensor):
     return [(x - mu) / sd for x in (train, *others)]
 
 
-def fit(x_tr, y_tr, x_te, y_te, batch: int, steps: int, lr: float, seed: int) -> list[dict]:
+def balanced_weights(keys: list) -> torch.Tensor:
+    """Sampling weights under which every distinct key (e.g. ``(question, answer)``) weighs the same."""
+    from collections import Counter
+
+    counts = Counter(keys)
+    return torch.tensor([1.0 / counts[k] for k in keys])
+
+
+def fit(x_tr, y_tr, x_te, y_te, batch: int, steps: int, lr: float, seed: int,
+        weights: torch.Tensor | None = None) -> list[dict]:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(x_tr.shape[1], 1024), nn.GELU(), nn.Linear(1024, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     curve, t0 = [], time.perf_counter()
     for step in range(1, steps + 1):
-        b = torch.randint(0, len(x_tr), (batch,), generator=gen)
+        b = (torch.randint(0, len(x_tr), (batch,), generator=gen) if weights is None
+             else torch.multinomial(weights, batch, replacement=True, generator=gen))
         loss = nn.functional.binary_cross_entropy_with_logits(model(x_tr[b])[:, 0], y_tr[b])
         opt.zero_grad()
         loss.backward()
@@ -84,8 +99,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/yesno-probe-cpu.json"))
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--variants", action="store_true", help="balanced sampling and higher lrs (see the doc)")
     args = ap.parse_args()
+    args.out = args.out or Path("benchmarks/results/" + ("yesno-probe-variants-cpu.json" if args.variants
+                                                         else "yesno-probe-cpu.json"))
     torch.set_num_threads(min(2, torch.get_num_threads()))
     from epalm.recipes import cached
 
@@ -105,6 +123,17 @@ def main() -> None:
         "oracle attributes+question": torch.cat([att, q], 1),
     }
     runs = []
+    if args.variants:
+        x_tr, x_te = standardise(inputs["image+question"][tr], inputs["image+question"][te])
+        keys = {"uniform": None, "question": [(samples[i].question, samples[i].answers[0]) for i in tr],
+                "template": [(samples[i].template, samples[i].answers[0]) for i in tr]}
+        grid = [(k, 64, 1e-3) for k in keys] + [("uniform", b, lr) for lr in (3e-3, 1e-2) for b in (16, 64)]
+        for sampling, batch, lr in grid:
+            w = None if keys[sampling] is None else balanced_weights(keys[sampling])
+            curve = fit(x_tr, y[tr], x_te, y[te], batch, 2400, lr, args.seed, weights=w)
+            runs.append({"input": "image+question", "sampling": sampling, "batch": batch, "lr": lr, "curve": curve})
+            print(json.dumps(runs[-1]), flush=True)
+        inputs = {}
     for name, x in inputs.items():
         x_tr, x_te = standardise(x[tr], x[te])
         batches = (16, 64, 256) if name == "image+question" else (64,)

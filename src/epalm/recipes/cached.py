@@ -618,7 +618,16 @@ class BlindPlateau:
     and scores the answers against every training answer of that question; once that accuracy is
     within ``tolerance`` of the prior's, no further training can raise it by more than
     ``tolerance``, and the run stops (``Trainer(should_stop=...)``). ``history`` keeps every check.
+    A dataset with more than ``MAX_QUESTIONS`` distinct questions (VQA v2: nearly one per sample) is
+    not checked (:meth:`applicable`): each check would decode all of them, and such a prior is memorised
+    rather than reached.
     """
+
+    MAX_QUESTIONS = 5000
+
+    @classmethod
+    def applicable(cls, train: Sequence) -> bool:
+        return len({getattr(s, "question", "") for s in train}) <= cls.MAX_QUESTIONS
 
     def __init__(self, cfg: CachedRunConfig, processor: EPALMProcessor, train: Sequence, states: TextStates,
                  feature_shape: Sequence[int], device: torch.device, log: Log) -> None:
@@ -776,8 +785,13 @@ def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | N
             blind_states.states = states.states  # identical frozen lower layers
             blind_fp32 = TextStates(blind, pad_id, device, bf16=False)
             blind_fp32.states = fp32_states.states
-            plateau = (BlindPlateau(cfg, processor, train, blind_fp32, feats.shape[1:], device, log)
-                       if cfg.blind_stop_at_plateau and spec.task == "qa" else None)
+            plateau = None
+            if cfg.blind_stop_at_plateau and spec.task == "qa":
+                if BlindPlateau.applicable(train):
+                    plateau = BlindPlateau(cfg, processor, train, blind_fp32, feats.shape[1:], device, log)
+                else:
+                    log(f"blind baseline: more than {BlindPlateau.MAX_QUESTIONS} distinct training questions, no "
+                        "plateau check; it trains its whole budget (blind_steps)")
             blind_info = train_connectors(cfg, blind, encoded, feats, blind_states, blind_dir, True, device, bf16,
                                           pad_id, evaluate=curve_eval(True, blind_fp32), should_stop=plateau,
                                           stop_every=cfg.blind_check_every)
