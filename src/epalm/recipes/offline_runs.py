@@ -154,9 +154,10 @@ def run_caption_quickstart(
     *,
     seed: int = 0,
     test_fraction: float = 0.15,
-    epochs: int = 6,
+    epochs: int = 20,
     batch_size: int = 32,
-    lr: float = 3e-3,
+    lr: float = 5e-3,
+    blind_epochs: int = 6,
     image_size: int = 112,
     num_layers: int = 6,
     num_beams: int = 3,
@@ -201,7 +202,8 @@ def run_caption_quickstart(
         encoder_kwargs={"image_size": image_size},
         media={"image_size": image_size, "mean": list(mean), "std": list(std)},
         variant="epalm", prompt_len=0, num_encoder_layers=encoder.num_layers, lr=lr, batch_size=batch_size,
-        steps=None, epochs=epochs, bucket=True, max_length=40, log_every=None, bf16="off",
+        steps=None, epochs=epochs, bucket=True, max_length=40, log_every=None, bf16="auto",
+        blind_epochs=blind_epochs,
         max_new_tokens=max_new_tokens, num_beams=num_beams, caption_metrics=["BLEU", "ROUGE_L", "CIDEr"],
         blind=blind, html_examples=200, cache_dir=str(cache_root), feature_batch_size=32, progress=False)
     parts = RunParts(lm, tokenizer, encoder, None if injected else cfg.lm, None if injected else cfg.encoder)

