@@ -202,7 +202,7 @@ def run_caption_quickstart(
         encoder_kwargs={"image_size": image_size},
         media={"image_size": image_size, "mean": list(mean), "std": list(std)},
         variant="epalm", prompt_len=0, num_encoder_layers=encoder.num_layers, lr=lr, batch_size=batch_size,
-        steps=None, epochs=epochs, bucket=True, max_length=40, log_every=None, bf16="auto",
+        steps=None, epochs=epochs, bucket=True, max_length=40, log_every=None, bf16="off",
         blind_epochs=blind_epochs,
         max_new_tokens=max_new_tokens, num_beams=num_beams, caption_metrics=["BLEU", "ROUGE_L", "CIDEr"],
         blind=blind, html_examples=200, cache_dir=str(cache_root), feature_batch_size=32, progress=False)
