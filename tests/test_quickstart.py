@@ -136,7 +136,8 @@ def tiny_config(tmp_path, **kw):
 
     base = dict(output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), root=str(tmp_path / "data"),
                 image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3,
-                num_encoder_layers=2, inject_start=2, inject_end=4, steps=6, batch_size=8, lr=1e-2, bf16="off",
+                num_encoder_layers=2, inject_start=2, inject_end=4, steps=6, blind_steps=None, batch_size=8, lr=1e-2,
+                bf16="off",
                 device="cpu", threads=1, eval_batch_size=5, max_new_tokens=3, progress=False, num_test=10)
     base.update(kw)
     return QuickstartConfig(**base)
@@ -271,7 +272,7 @@ def test_blind_baseline_stops_at_its_plateau_the_question_only_prior(tmp_path, m
     metrics = run_quickstart(tiny_config(tmp_path, steps=12, blind_check_every=3, eval_every=0), parts)
     blind, report = metrics["blind_train"], metrics["blind_train"]["plateau"]
     assert blind["steps"] == 12 and not blind["stopped_early"] and not report["reached"]
-    assert [c["step"] for c in report["checks"]] == [3, 6, 9]  # (step 12 ends the run anyway)
+    assert [c["step"] for c in report["checks"]] == [3, 6, 9, 12]  # (and where the budget ended)
     # switched off: no checks
     full = run_quickstart(tiny_config(tmp_path, steps=12, eval_every=0, blind_stop_at_plateau=False), parts)
     assert full["blind_train"]["steps"] == 12 and "plateau" not in full["blind_train"]

@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-blind", action="store_true", help="skip the blind (no image) baseline")
     p.add_argument("--blind-steps", type=_positive_int, default=None,
                    help="most training steps of the blind baseline; it stops earlier once it provably sits at "
-                        "the question-only prior (default: same as --steps)")
+                        "the question-only prior (default: 200)")
     p.add_argument("--fresh-blind", action="store_true", help="train the blind baseline even when the cache "
                    "($EPALM_CACHE/blind) holds one with the same data, LM, recipe and code")
     p.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default: the tuned value)")

@@ -105,11 +105,11 @@ class CachedRunConfig:
     blind: bool = True
     blind_cache: bool = True  # reuse the blind baseline from $EPALM_CACHE/blind when nothing it depends on changed
     # QA: stop the blind run once its answers to the distinct training questions score within
-    # blind_tolerance of the question-only prior on the training set (its plateau: see blind_plateau_check),
+    # blind_tolerance (0.5 point) of the question-only prior on the training set (its plateau: see blind_plateau_check),
     # checked every blind_check_every steps; blind_steps (default: steps) is the upper bound
     blind_stop_at_plateau: bool = True
-    blind_check_every: int = 10
-    blind_tolerance: float = 0.001
+    blind_check_every: int = 20
+    blind_tolerance: float = 0.005
     html_examples: int = 100
     # caches
     cache_dir: str | None = None  # feature caches (default $EPALM_CACHE/features)
@@ -802,6 +802,8 @@ def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | N
                                           pad_id, evaluate=curve_eval(True, blind_fp32), should_stop=plateau,
                                           stop_every=cfg.blind_check_every)
             if plateau is not None:
+                if not blind_info["stopped_early"]:  # certify where the whole budget ended, too
+                    plateau(blind, blind_info["steps"])
                 blind_info["plateau"] = plateau.report()
             blind_rows = evaluate_rows(cfg, blind, processor, spec, test, feats, row, blind_fp32, blind=True)
             blind.engine.remove()

@@ -59,7 +59,7 @@ class QuickstartConfig:
     lr: float = 2e-2
     batch_size: int = 16
     steps: int = 800
-    blind_steps: int | None = None  # default: same as steps
+    blind_steps: int | None = 200  # the most the blind run trains; it stops at its plateau (None: as steps)
     bf16: str = "auto"  # training autocast: "auto" | "on" | "off"
     max_new_tokens: int = 4
     eval_batch_size: int = 128
@@ -72,8 +72,8 @@ class QuickstartConfig:
     curve_questions: int = 256  # seeded subset of the test sample evaluated during training (curves only)
     blind_cache: bool = True  # reuse the blind baseline from $EPALM_CACHE/blind (False: --fresh-blind)
     blind_stop_at_plateau: bool = True  # stop the blind run once it provably sits at the question-only prior
-    blind_check_every: int = 10
-    blind_tolerance: float = 0.001
+    blind_check_every: int = 20
+    blind_tolerance: float = 0.005
 
     def recipe(self) -> CachedRunConfig:
         """The cached-features recipe this quickstart runs."""
