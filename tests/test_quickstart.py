@@ -157,6 +157,7 @@ def test_quickstart_end_to_end_on_tiny_models(tmp_path):
     assert saved["published_baselines"]["question only (no image)"] == 0.670
     assert set(saved["per_answer_type"]) <= {"color", "shape", "yes/no"}
     assert saved["features"]["reused"] is False and saved["peak_rss_mb"] > 0
+    assert saved["process_minutes"] >= saved["minutes"] > 0  # the whole process, loading included
     assert (run / "curves.png").stat().st_size > 0 and (run / "blind" / "curves.png").exists()
     page = (run / "examples.html").read_text()
     assert page.count("<tr class=") == 10 and 'src="data:image/png;base64,' in page

@@ -108,7 +108,7 @@ class CachedRunConfig:
     # blind_tolerance (0.5 point) of the question-only prior on the training set (its plateau: see blind_plateau_check),
     # checked every blind_check_every steps; blind_steps (default: steps) is the upper bound
     blind_stop_at_plateau: bool = True
-    blind_check_every: int = 20
+    blind_check_every: int = 40
     blind_tolerance: float = 0.005
     html_examples: int = 100
     # caches
