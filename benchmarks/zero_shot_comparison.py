@@ -22,7 +22,8 @@ import torch
 
 from _common import easy_vqa_attributes, machine_info
 
-FORMAT = "The image shows a {color} {shape}. {question}"
+FORMAT = "The image shows a {color} {shape}.\nQuestion: {question}\nAnswer (yes or no):"  # base LMs
+CHAT_FORMAT = "The image shows a {color} {shape}. {question} Answer yes or no."  # LMs with a chat template
 
 
 def main() -> None:
@@ -48,10 +49,11 @@ def main() -> None:
         per: dict[str, list[int]] = {}
         for s in questions:
             a = attrs[s.media_id]
-            text = FORMAT.format(color=a["color"], shape=a["shape"], question=s.question[0].upper() + s.question[1:])
+            fields = dict(color=a["color"], shape=a["shape"], question=s.question[0].upper() + s.question[1:])
+            text = (CHAT_FORMAT if chat else FORMAT).format(**fields)
             if chat:
-                text = tok.apply_chat_template([{"role": "user", "content": text + " Answer yes or no."}],
-                                               tokenize=False, add_generation_prompt=True)
+                text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                               add_generation_prompt=True)
             enc = tok(text, return_tensors="pt", add_special_tokens=not chat)
             with torch.no_grad():
                 logits = lm(**enc).logits[0, -1].float()
