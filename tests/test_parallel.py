@@ -117,8 +117,11 @@ def test_fsdp_two_processes_match_one_plain_process(fsdp_runs):
     one = load_file(str(fsdp_runs / "plain" / "straight.safetensors"))
     two = load_file(str(fsdp_runs / "fsdp" / "straight.safetensors"))
     assert one.keys() == two.keys() and len(one) > 2
-    for k in one:  # float32 summation order only (reduce-scatter vs one process)
-        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)
+    # float32 summation order only (reduce-scatter vs one process, and the CPU's kernels): Adam divides
+    # by sqrt(v), so reduction-order noise in tiny gradients reaches the weights at ~1e-5..1e-4 after a
+    # few steps (2.8e-5 measured on a CPU without AVX-512); a sharding bug is orders of magnitude larger
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-4, msg=k)
     # the checkpoint holds the whole gathered weights (not a shard)
     saved = load_file(str(fsdp_runs / "fsdp" / "straight" / "checkpoint" / "epalm_weights.safetensors"))
     assert all(torch.equal(saved[k], two[k]) for k in two)
