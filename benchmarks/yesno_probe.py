@@ -123,7 +123,7 @@ def main() -> None:
         "oracle attributes+question": torch.cat([att, q], 1),
     }
     runs = []
-    if args.variants:
+    if args.variants:  # the image+question probe only, under other sampling and learning rates
         x_tr, x_te = standardise(inputs["image+question"][tr], inputs["image+question"][te])
         keys = {"uniform": None, "question": [(samples[i].question, samples[i].answers[0]) for i in tr],
                 "template": [(samples[i].template, samples[i].answers[0]) for i in tr]}
@@ -133,8 +133,7 @@ def main() -> None:
             curve = fit(x_tr, y[tr], x_te, y[te], batch, 2400, lr, args.seed, weights=w)
             runs.append({"input": "image+question", "sampling": sampling, "batch": batch, "lr": lr, "curve": curve})
             print(json.dumps(runs[-1]), flush=True)
-        inputs = {}
-    for name, x in inputs.items():
+    for name, x in ({} if args.variants else inputs).items():
         x_tr, x_te = standardise(x[tr], x[te])
         batches = (16, 64, 256) if name == "image+question" else (64,)
         for batch in batches:

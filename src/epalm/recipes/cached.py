@@ -105,7 +105,7 @@ class CachedRunConfig:
     blind: bool = True
     blind_cache: bool = True  # reuse the blind baseline from $EPALM_CACHE/blind when nothing it depends on changed
     # QA: stop the blind run once its answers to the distinct training questions score within
-    # blind_tolerance (0.5 point) of the question-only prior on the training set (its plateau: see blind_plateau_check),
+    # blind_tolerance (0.5 point) of the question-only prior on the training set (its plateau: see BlindPlateau),
     # checked every blind_check_every steps; blind_steps (default: steps) is the upper bound
     blind_stop_at_plateau: bool = True
     blind_check_every: int = 40
@@ -637,21 +637,24 @@ class BlindPlateau:
 
     def __init__(self, cfg: CachedRunConfig, processor: EPALMProcessor, train: Sequence, states: TextStates,
                  feature_shape: Sequence[int], device: torch.device, log: Log) -> None:
-        groups: dict[tuple[int, ...], list] = {}
+        encoded: dict[str, tuple[int, ...]] = {}  # each distinct question tokenized once
+        groups: dict[tuple[int, ...], list] = {}  # prompt -> every training answer list
         for s in train:
-            groups.setdefault(tuple(processor.encode_prompt(getattr(s, "question", ""))), []).append(s.answers)
+            q = getattr(s, "question", "")
+            if q not in encoded:
+                encoded[q] = tuple(processor.encode_prompt(q))
+            groups.setdefault(encoded[q], []).append(s.answers)
         self.prompts = list(groups)
-        self.answers = [groups[p] for p in self.prompts]
+        self.answers = list(groups.values())
         self.total = len(train)
-        self.prior_correct = 0
-        for answers in self.answers:
-            candidates = {a[0] for a in answers if a}
-            self.prior_correct += max((sum(exact_match(c, refs) for refs in answers) for c in candidates), default=0)
-        self.prior = self.prior_correct / max(self.total, 1)
+        prior_correct = sum(max((sum(exact_match(c, refs) for refs in answers) for c in {a[0] for a in answers if a}),
+                                default=0) for answers in self.answers)
+        self.prior = prior_correct / max(self.total, 1)
         self.cfg, self.processor, self.states, self.log = dataclasses.replace(cfg, progress=False), processor, states, log
         self.zeros = torch.zeros((len(self.prompts), *feature_shape), device=device)
         self.tolerance = cfg.blind_tolerance
         self.history: list[dict[str, float]] = []
+        self.reached = False
 
     def accuracy(self, model: EPALM) -> float:
         """The blind model's accuracy on the training set (each distinct question decoded once)."""
@@ -667,7 +670,7 @@ class BlindPlateau:
     def __call__(self, model: EPALM, step: int) -> bool:
         acc = self.accuracy(model)
         self.history.append({"step": step, "train_accuracy": round(acc, 5)})
-        done = acc >= self.prior - self.tolerance
+        self.reached = done = acc >= self.prior - self.tolerance
         if done:
             self.log(f"blind baseline at its plateau at step {step}: training accuracy {acc:.2%}, question-only "
                      f"prior {self.prior:.2%} (tolerance {self.tolerance:.2%})")
@@ -677,7 +680,7 @@ class BlindPlateau:
         return {"criterion": "training-set accuracy of the blind answers >= question-only prior - tolerance",
                 "prior_train_accuracy": round(self.prior, 5), "tolerance": self.tolerance,
                 "distinct_questions": len(self.prompts), "checks": self.history,
-                "reached": bool(self.history) and self.history[-1]["train_accuracy"] >= self.prior - self.tolerance}
+                "reached": self.reached}
 
 
 def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | None = None) -> dict[str, Any]:

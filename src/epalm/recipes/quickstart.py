@@ -71,9 +71,10 @@ class QuickstartConfig:
     eval_every: int | None = None  # evaluate curve_questions every N steps (curves.png); None: steps // 8; 0: never
     curve_questions: int = 256  # seeded subset of the test sample evaluated during training (curves only)
     blind_cache: bool = True  # reuse the blind baseline from $EPALM_CACHE/blind (False: --fresh-blind)
-    blind_stop_at_plateau: bool = True  # stop the blind run once it provably sits at the question-only prior
-    blind_check_every: int = 40
-    blind_tolerance: float = 0.005
+    # the blind run stops once it provably sits at the question-only prior (CachedRunConfig's defaults)
+    blind_stop_at_plateau: bool = CachedRunConfig.blind_stop_at_plateau
+    blind_check_every: int = CachedRunConfig.blind_check_every
+    blind_tolerance: float = CachedRunConfig.blind_tolerance
 
     def recipe(self) -> CachedRunConfig:
         """The cached-features recipe this quickstart runs."""

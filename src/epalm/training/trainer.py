@@ -556,7 +556,7 @@ class Trainer:
                 self.state["batch"] = 0
                 self._end_of_epoch(epoch, tb)
             self.save_checkpoint()
-            done = done or self.state["step"] >= self.total_steps or self.state.get("stopped_at") is not None
+            done = done or self.state["step"] >= self.total_steps
         bar.close()
 
     def _end_of_epoch(self, epoch: int, tb) -> None:
