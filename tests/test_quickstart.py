@@ -6,6 +6,7 @@ Nothing here needs the real weights or data packages, except the last test (skip
 from __future__ import annotations
 
 import json
+import random
 import re
 
 import pytest
@@ -203,7 +204,20 @@ def test_quickstart_reports_templates_curves_and_caches_the_blind_baseline(tmp_p
     assert set(saved["blind_per_answer_type"]) == set(saved["per_answer_type"])
     assert first["blind_cache"]["reused"] is False
     summary = format_summary(first)
-    assert "eP-ALM / blind" in summary and "template yes/no color +" in summary and "color questions" in summary
+    assert "eP-ALM / blind / prior" in summary and "template yes/no color +" in summary and "color questions" in summary
+    # the question-only prior of the test sample: each test question answered with its most frequent training
+    # answer (the fixture's train split: colours red/blue/green 4 each -> "red" first seen; circle/rectangle 6 each
+    # -> "circle"; "is there a red shape?" 4 yes / 8 no -> "no"), by hand
+    test = read_easy_vqa("test", root)
+    test = [test[i] for i in sorted(random.Random(0).sample(range(len(test)), 10))]  # the run's seeded sample
+    best = {"what color is the shape?": "red", "what shape is in the image?": "circle", "is there a red shape?": "no"}
+    hits = [best[s.question] == s.answers[0] for s in test]
+    prior = saved["question_prior"]
+    assert prior["accuracy"] == pytest.approx(sum(hits) / 10) and prior["train_accuracy"] == pytest.approx(18 / 36)
+    for t in templates:
+        in_t = [h for h, s in zip(hits, test) if s.template == t]
+        assert prior["per_template"][t] == pytest.approx(sum(in_t) / len(in_t))
+    assert f"/ {100 * prior['per_template']['color']:5.1f}%" in summary
     # evaluation during training: per-type accuracy at steps 3 and 6, beside the loss in curves.png
     for where in (run, run / "blind"):
         evals = list(csv.DictReader((where / "eval.csv").open()))
@@ -520,3 +534,84 @@ def test_epalm_train_runs_a_cached_recipe_yaml(tmp_path, capsys):
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["test_samples"] == 5 and set(saved["per_answer_type"]) <= {"color", "shape", "yes/no"}
     assert EPALM.from_pretrained(tmp_path / "run" / "model").encoder is not None
+
+
+def test_eval_scores_a_quickstart_model_as_its_own_evaluation_and_on_the_whole_test_split(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """``epalm eval <cached recipe> --checkpoint RUN/model``: the run's predictions again (same processor, features,
+    decoding), and ``cached.num_test=null`` scores all test questions without training again."""
+    import dataclasses
+
+    import yaml
+
+    from epalm.interface import cli
+    from epalm.recipes import cached
+    from epalm.recipes.quickstart import run_quickstart
+
+    parts = tiny_parts(write_easy_vqa(tmp_path / "data"))
+    cfg = tiny_config(tmp_path, skip_blind=True, eval_every=0)
+    metrics = run_quickstart(cfg, parts)
+    run = tmp_path / "run"
+    got = cached.evaluate_checkpoint(cfg.recipe(), run / "model", parts=parts)
+    assert got["accuracy"] == metrics["accuracy"] and got["per_template"] == metrics["per_template"]
+    assert got["question_prior"] == metrics["question_prior"] and got["test_samples"] == 10
+    evaluated = json.loads((run / "eval" / "predictions.json").read_text())
+    assert [r["prediction"] for r in evaluated] == [r["prediction"] for r in json.loads((run / "predictions.json")
+                                                                                          .read_text())]
+    assert got["features"]["reused"] is True  # the run's feature cache
+
+    # the CLI on the recipe's YAML, the whole test split
+    recipe = {k: v for k, v in dataclasses.asdict(cfg.recipe()).items() if k != "output_dir"}
+    (tmp_path / "qs.yaml").write_text(yaml.safe_dump({"cached": recipe}))
+    monkeypatch.setattr(cached, "load_parts", lambda c: parts)
+    assert cli.main(["eval", str(tmp_path / "qs.yaml"), "cached.num_test=null", "--checkpoint", str(run / "model"),
+                     "--out", str(tmp_path / "full")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert printed["test_samples"] == full["test_samples"] == 18 and full["test_sample"] == "all"
+    assert len(json.loads((tmp_path / "full" / "predictions.json").read_text())) == 18
+    assert sum(full["group_sizes"]["template"].values()) == 18
+    # the 10 sampled questions are answered as in the run
+    by_id = {r["sample_id"]: r["prediction"] for r in json.loads((tmp_path / "full" / "predictions.json").read_text())}
+    assert all(by_id[r["sample_id"]] == r["prediction"] for r in evaluated)
+
+    # not a model folder: exit 2, the path named, nothing written
+    assert cli.main(["eval", str(tmp_path / "qs.yaml"), "--checkpoint", str(run), "--out",
+                     str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "epalm_config.json" in err and str(run) in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
+    # a recipe naming another LM than the checkpoint's: exit 2, the field named
+    monkeypatch.setattr(cached, "load_parts", lambda c: dataclasses.replace(parts, lm_name="weights:other-lm"))
+    (run / "model" / "epalm_config.json").write_text(  # as a real run records it: the registry name
+        (run / "model" / "epalm_config.json").read_text().replace('"./lm"', '"weights:smollm2-135m-instruct"'))
+    assert cli.main(["eval", str(tmp_path / "qs.yaml"), "--checkpoint", str(run / "model"), "--out",
+                     str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "cached.lm" in err and "weights:other-lm" in err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("variant", ["avgpool-inner", "linres-inner", "qp-inner", "avgpool-l0"])
+def test_the_cached_recipe_trains_depalm_token_connectors(tmp_path, variant):
+    """DePALM's token connectors on the quickstart's recipe: every last-layer encoder token cached, K slots at
+    the first injected layer (inner: the lower layers stay cached) or at the input (L0); the saved model
+    answers as the run's own evaluation did."""
+    import dataclasses
+
+    from epalm.core.config import EPALMConfig
+    from epalm.data.feature_cache import FeatureCache
+    from epalm.recipes.cached import evaluate_checkpoint, run_cached
+
+    parts = tiny_parts(write_easy_vqa(tmp_path / "data"))
+    where = {"inject_start": None, "inject_end": None} if variant.endswith("l0") else {}
+    recipe = dataclasses.replace(tiny_config(tmp_path, variant=variant, skip_blind=True, eval_every=0, num_encoder_layers=1,
+                                             **where).recipe(), num_visual_tokens=2)
+    metrics = run_cached(recipe, parts)
+    saved = EPALMConfig.load(tmp_path / "run" / "model" / "epalm_config.json")
+    assert saved.variant == variant and saved.num_visual_tokens == 2 and saved.needs_all_tokens
+    # the cache holds every token of the tiny ViT's last layer: [CLS] + 2x2 patches (not 2 layers' [CLS])
+    assert tuple(FeatureCache.read_meta(metrics["features"]["path"])["shape"]) == (5, 24)
+    assert metrics["train"]["steps"] == 6 and metrics["model"]["trainable"] > 0
+    assert saved.encoder_tokens == (5 if variant == "linres-inner" else None)
+    again = evaluate_checkpoint(recipe, tmp_path / "run" / "model", parts=parts)
+    assert again["accuracy"] == metrics["accuracy"] and again["per_template"] == metrics["per_template"]

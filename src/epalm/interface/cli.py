@@ -59,8 +59,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from epalm.recipes.cached import evaluate_checkpoint, is_cached_config, load_cached_config
     from epalm.recipes.run import load_run_config, run_eval
 
+    if is_cached_config(args.config):  # a quickstart's model/ on its recipe's data (cached.num_test=null: all)
+        m = evaluate_checkpoint(load_cached_config(args.config, args.overrides), args.checkpoint, args.out)
+        keep = ("dataset", "checkpoint", "test_samples", "accuracy", "per_answer_type", "CIDEr", "question_prior",
+                "outputs")
+        print(json.dumps({k: m[k] for k in keep if k in m}, default=str))
+        return 0
     cfg = load_run_config(args.config, args.overrides)
     scores = run_eval(cfg, args.checkpoint, args.out)
     print(json.dumps(scores, default=str))
@@ -227,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--checkpoint", required=True, help="a save_pretrained folder (e.g. RUN/best)")
-    p.add_argument("--out", default=None, help="where predictions/metrics go (default CHECKPOINT/eval)")
+    p.add_argument("--out", default=None,
+                   help="where predictions/metrics go (default CHECKPOINT/eval; a cached recipe's RUN/model: RUN/eval)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("cache-features", help="precompute the frozen encoder's features of a recipe")
@@ -288,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "($EPALM_CACHE/blind) holds one with the same data, LM, recipe and code")
     p.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default: the tuned value)")
     p.add_argument("--eval-every", type=_nonnegative_int, default=None, help="evaluate a seeded 256-question "
-                   "subset every N steps for curves.png (default: steps // 8; 0: never)")
+                   "subset every N steps for curves.png (default: ceil(steps / 8); 0: never)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_quickstart)
 

@@ -52,7 +52,8 @@ from epalm.data.processor import EPALMProcessor, MediaConfig, PromptTemplate, da
 __all__ = ["CachedRunConfig", "RunParts", "TextStates", "greedy_decode", "load_parts", "run_cached",
            "build_processor", "media_features", "build_model", "train_connectors", "evaluate_rows", "score_rows",
            "flat_scores", "eval_every", "blind_cache_key", "load_blind_cache", "save_blind_cache",
-           "resolve_device", "use_bf16", "cached_config_from_dict", "is_cached_config", "load_cached_config"]
+           "resolve_device", "use_bf16", "cached_config_from_dict", "is_cached_config", "load_cached_config",
+           "QuestionPrior", "prior_scores", "load_splits", "evaluate_checkpoint"]
 
 Log = Callable[[str], None]
 
@@ -82,6 +83,9 @@ class CachedRunConfig:
     inject_start: int | None = None
     inject_end: int | None = None
     prompt_len: int | None = None  # None: 0 (soft prompts train below the cached layers)
+    # DePALM's token connectors (variants qp-*, avgpool-*, linres-*): K tokens from every last-layer
+    # encoder token (the cache then holds all tokens); None: the variant's K
+    num_visual_tokens: int | None = None
     # training
     lr: float = 2e-2
     batch_size: int = 16
@@ -93,7 +97,7 @@ class CachedRunConfig:
     max_length: int | None = None  # truncate training texts (tokens)
     bf16: str = "auto"  # training autocast: "auto" | "on" | "off"
     log_every: int | None = 10  # None: twice per epoch
-    eval_every: int | None = None  # evaluate curve_samples every N steps (curves.png); None: steps // 8; 0: never
+    eval_every: int | None = None  # evaluate curve_samples every N steps (curves.png); None: ceil(steps / 8); 0: never
     curve_samples: int = 256  # seeded subset of the test sample evaluated during training (curves only)
     # evaluation
     max_new_tokens: int = 4
@@ -331,13 +335,32 @@ def build_processor(cfg: CachedRunConfig, spec: DatasetSpec, tokenizer) -> EPALM
                           decoding={"num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens})
 
 
+def model_config(cfg: CachedRunConfig, parts: RunParts, encoder_tokens: int | None = None) -> EPALMConfig:
+    """The EPALMConfig the recipe trains (``encoder_tokens``: the cached features' token count, which
+    the linear resampler needs)."""
+    extra: dict[str, Any] = {} if cfg.variant == "lin" else {"prompt_len": cfg.prompt_len or 0}
+    if cfg.num_visual_tokens is not None:
+        extra["num_visual_tokens"] = cfg.num_visual_tokens
+    config = EPALMConfig(lm=parts.lm_name or "./lm", encoder=parts.encoder_name or "./encoder", variant=cfg.variant,
+                         num_encoder_layers=cfg.num_encoder_layers, inject_start=cfg.inject_start,
+                         inject_end=cfg.inject_end, encoder_kwargs=dict(cfg.encoder_kwargs), **extra)
+    if config.connector == "linear_resampler" and encoder_tokens is not None:
+        config.encoder_tokens = int(encoder_tokens)
+    return config
+
+
 def media_features(cfg: CachedRunConfig, parts: RunParts, processor: EPALMProcessor, media: dict[str, Path],
-              device: torch.device, log: Log) -> tuple[torch.Tensor, dict[str, int], dict[str, Any]]:
-    """All media's encoder features (from the cache, built on first use): ``(N, k, d)`` float32 on device."""
+                   device: torch.device, log: Log,
+                   model: EPALMConfig | None = None) -> tuple[torch.Tensor, dict[str, int], dict[str, Any]]:
+    """All media's encoder features (from the cache, built on first use), float32 on device: ``(N, k, d)``
+    [CLS] of the last k layers, or ``(N, tokens, d)`` every token for a model that reads them all
+    (``model``, default the recipe's: token connectors, all_patch_tokens)."""
     from epalm.weights.cache import cache_dir
 
+    model = model or model_config(cfg, parts)
     name = parts.encoder_name or type(getattr(parts.encoder, "model", parts.encoder)).__name__
-    fingerprint = encoder_fingerprint(parts.encoder, name, processor.fingerprint())
+    fingerprint = encoder_fingerprint(parts.encoder, name, processor.fingerprint(), all_tokens=model.needs_all_tokens,
+                                      token_layers=model.token_layers if model.needs_all_tokens else 1)
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in name.removeprefix("weights:"))[-40:]
     root = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir() / "features"
@@ -356,11 +379,10 @@ def media_features(cfg: CachedRunConfig, parts: RunParts, processor: EPALMProces
     return feats, {m: i for i, m in enumerate(ids)}, info
 
 
-def build_model(cfg: CachedRunConfig, parts: RunParts, encoder_dim: int, device: torch.device) -> EPALM:
-    extra = {} if cfg.variant == "lin" else {"prompt_len": cfg.prompt_len or 0}
-    config = EPALMConfig(lm=parts.lm_name or "./lm", encoder=parts.encoder_name or "./encoder", variant=cfg.variant,
-                         num_encoder_layers=cfg.num_encoder_layers, inject_start=cfg.inject_start,
-                         inject_end=cfg.inject_end, encoder_kwargs=dict(cfg.encoder_kwargs), **extra)
+def build_model(cfg: CachedRunConfig, parts: RunParts, encoder_dim: int, device: torch.device,
+                encoder_tokens: int | None = None) -> EPALM:
+    """The recipe's model on cached features (``encoder_tokens``: their token count, ``feats.shape[1]``)."""
+    config = model_config(cfg, parts, encoder_tokens)
     torch.manual_seed(cfg.seed)
     return EPALM(parts.lm, None, config, encoder_dim=encoder_dim).to(device)
 
@@ -425,8 +447,9 @@ def train_connectors(cfg: CachedRunConfig, model: EPALM,
 
 
 def eval_every(cfg: CachedRunConfig, total_steps: int) -> int | None:
-    """Steps between evaluations during training: ``cfg.eval_every``, or ``total_steps // 8``; None: never."""
-    every = cfg.eval_every if cfg.eval_every is not None else max(1, total_steps // 8)
+    """Steps between evaluations during training: ``cfg.eval_every``, or ``ceil(total_steps / 8)`` (8
+    evaluations, the last where training ends, not a ninth a few steps before it); None: never."""
+    every = cfg.eval_every if cfg.eval_every is not None else max(1, math.ceil(total_steps / 8))
     return every or None
 
 
@@ -613,6 +636,50 @@ def save_blind_cache(path: Path, key: str, depends_on: dict, blind_dir: Path, ro
                       default=str)
 
 
+class QuestionPrior:
+    """The question-only prior of a QA training set: each distinct prompt answered with the training
+    answer that scores best on that prompt's training samples (its most frequent answer; ties: the
+    first seen), scored with the dataset's exact match.
+
+    No model that sees the question alone can do better on the training set (``train_accuracy``):
+    it is the blind baseline's plateau (:class:`BlindPlateau`), and ``predict`` gives the prior's
+    answers to test prompts ("" for a prompt never seen in training), the column against which
+    yes/no accuracy is read in ``metrics.json`` (``question_prior``).
+    """
+
+    def __init__(self, processor: EPALMProcessor, train: Sequence) -> None:
+        encoded: dict[str, tuple[int, ...]] = {}  # each distinct question tokenized once
+        groups: dict[tuple[int, ...], list] = {}  # prompt -> every training answer list
+        for s in train:
+            q = getattr(s, "question", "")
+            if q not in encoded:
+                encoded[q] = tuple(processor.encode_prompt(q))
+            groups.setdefault(encoded[q], []).append(s.answers)
+        self.processor, self._encoded = processor, encoded
+        self.prompts = list(groups)
+        self.answers = list(groups.values())
+        self.total = len(train)
+        self.best: dict[tuple[int, ...], str] = {}
+        correct = 0
+        for prompt, answers in groups.items():
+            scored = [(sum(exact_match(c, refs) for refs in answers), c)
+                      for c in dict.fromkeys(a[0] for a in answers if a)]
+            if scored:
+                n, answer = max(scored, key=lambda t: t[0])  # max keeps the first of equal counts
+                self.best[prompt] = answer
+                correct += n
+        self.train_accuracy = correct / max(self.total, 1)
+
+    def predict(self, samples: Sequence) -> list[str]:
+        out = []
+        for s in samples:
+            q = getattr(s, "question", "")
+            if q not in self._encoded:
+                self._encoded[q] = tuple(self.processor.encode_prompt(q))
+            out.append(self.best.get(self._encoded[q], ""))
+        return out
+
+
 class BlindPlateau:
     """When the blind baseline has reached its plateau, checked on the training set (QA datasets).
 
@@ -636,20 +703,13 @@ class BlindPlateau:
         return len({getattr(s, "question", "") for s in train}) <= cls.MAX_QUESTIONS
 
     def __init__(self, cfg: CachedRunConfig, processor: EPALMProcessor, train: Sequence, states: TextStates,
-                 feature_shape: Sequence[int], device: torch.device, log: Log) -> None:
-        encoded: dict[str, tuple[int, ...]] = {}  # each distinct question tokenized once
-        groups: dict[tuple[int, ...], list] = {}  # prompt -> every training answer list
-        for s in train:
-            q = getattr(s, "question", "")
-            if q not in encoded:
-                encoded[q] = tuple(processor.encode_prompt(q))
-            groups.setdefault(encoded[q], []).append(s.answers)
-        self.prompts = list(groups)
-        self.answers = list(groups.values())
-        self.total = len(train)
-        prior_correct = sum(max((sum(exact_match(c, refs) for refs in answers) for c in {a[0] for a in answers if a}),
-                                default=0) for answers in self.answers)
-        self.prior = prior_correct / max(self.total, 1)
+                 feature_shape: Sequence[int], device: torch.device, log: Log,
+                 prior: "QuestionPrior | None" = None) -> None:
+        prior = prior or QuestionPrior(processor, train)
+        self.prompts = prior.prompts
+        self.answers = prior.answers
+        self.total = prior.total
+        self.prior = prior.train_accuracy
         self.cfg, self.processor, self.states, self.log = dataclasses.replace(cfg, progress=False), processor, states, log
         self.zeros = torch.zeros((len(self.prompts), *feature_shape), device=device)
         self.tolerance = cfg.blind_tolerance
@@ -683,6 +743,38 @@ class BlindPlateau:
                 "reached": self.reached}
 
 
+def load_splits(cfg: CachedRunConfig, spec: DatasetSpec) -> tuple[Sequence, list, list]:
+    """``(train, all of the test split, the test sample)``: ``num_test`` seeded samples (or all)."""
+    options = dict(cfg.dataset_options)
+    train = spec.load(cfg.root, cfg.train_split, **options)
+    test_all = list(spec.load(cfg.root, cfg.test_split, **options))
+    test = test_all
+    if cfg.num_test is not None and cfg.num_test < len(test_all):
+        keep = sorted(random.Random(cfg.seed).sample(range(len(test_all)), cfg.num_test))
+        test = [test_all[i] for i in keep]
+    return train, test_all, test
+
+
+def media_of(*splits: Sequence) -> dict[str, Path]:
+    """Each distinct media file of the splits, in order of first appearance."""
+    media: dict[str, Path] = {}
+    for split in splits:
+        for s in split:
+            media.setdefault(s.media_id, s.media_path)
+    return media
+
+
+def prior_scores(spec: DatasetSpec, processor: EPALMProcessor, train: Sequence, test: Sequence,
+                 group_by, prior: QuestionPrior | None = None) -> dict[str, Any]:
+    """The question-only prior's scores on the test sample (same metric and groups as the model's)."""
+    prior = prior or QuestionPrior(processor, train)
+    rows = [{"prediction": p, "answers": list(s.answers)} for p, s in zip(prior.predict(test), test)]
+    scores = score_rows(spec, rows, test, group_by, [])
+    scores.pop("group_sizes", None)
+    return {**scores, "train_accuracy": round(prior.train_accuracy, 5),
+            "definition": "each test question answered with its most frequent training answer"}
+
+
 def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | None = None) -> dict[str, Any]:
     """Run the recipe (see the module doc); returns the metrics also written to ``RUN/metrics.json``."""
     from epalm.evaluation.evaluate import write_examples_html
@@ -699,13 +791,7 @@ def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | N
     group_by = cfg.group_by or spec.group_by
 
     t = time.perf_counter()
-    options = dict(cfg.dataset_options)
-    train = spec.load(cfg.root, cfg.train_split, **options)
-    test_all = spec.load(cfg.root, cfg.test_split, **options)
-    test = list(test_all)
-    if cfg.num_test is not None and cfg.num_test < len(test):
-        keep = sorted(random.Random(cfg.seed).sample(range(len(test)), cfg.num_test))
-        test = [test[i] for i in keep]
+    train, test_all, test = load_splits(cfg, spec)
     if parts is None:
         parts = load_parts(cfg)
     timings["load"] = time.perf_counter() - t
@@ -718,10 +804,7 @@ def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | N
 
     # 1. encoder features of every media file (all of the test split, so a larger sample reuses them)
     t = time.perf_counter()
-    media: dict[str, Path] = {}
-    for s in list(train) + list(test_all):
-        media.setdefault(s.media_id, s.media_path)
-    feats, row, feature_info = media_features(cfg, parts, processor, media, device, log)
+    feats, row, feature_info = media_features(cfg, parts, processor, media_of(train, test_all), device, log)
     timings["features"] = time.perf_counter() - t
 
     # 2. tokenization and the media-independent lower LM layers, once per distinct sequence
@@ -734,7 +817,7 @@ def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | N
             e = encode_example(tok, prompt, target, max_length=cfg.max_length)
             cache[(prompt, target)] = (tuple(e.input_ids), tuple(e.labels))
         encoded.append((*cache[(prompt, target)], row[s.media_id]))
-    model = build_model(cfg, parts, feats.shape[-1], device)
+    model = build_model(cfg, parts, feats.shape[-1], device, feats.shape[1])
     states = TextStates(model, pad_id, device, bf16)
     t = time.perf_counter()
     test_prompts = [tuple(processor.encode_prompt(getattr(s, "question", ""))) for s in test]
@@ -779,6 +862,7 @@ def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | N
     # 5. the blind baseline: same LM, prompt, recipe and decoding; all-zero features (reused from
     #    $EPALM_CACHE/blind when nothing it depends on changed: see blind_cache_key)
     blind_scores = blind_info = blind_rows = blind_reuse = None
+    prior = QuestionPrior(processor, train) if spec.task == "qa" else None
     if cfg.blind:
         t = time.perf_counter()
         blind_dir = out / "blind"
@@ -789,7 +873,7 @@ def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | N
             blind_rows, blind_info = cached
             log(f"blind baseline: reused {path} (same data, LM, recipe and code)")
         else:
-            blind = build_model(cfg, parts, feats.shape[-1], device)
+            blind = build_model(cfg, parts, feats.shape[-1], device, feats.shape[1])
             blind_states = TextStates(blind, pad_id, device, bf16)
             blind_states.states = states.states  # identical frozen lower layers
             blind_fp32 = TextStates(blind, pad_id, device, bf16=False)
@@ -797,7 +881,8 @@ def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | N
             plateau = None
             if cfg.blind_stop_at_plateau and spec.task == "qa":
                 if BlindPlateau.applicable(train):
-                    plateau = BlindPlateau(cfg, processor, train, blind_fp32, feats.shape[1:], device, log)
+                    plateau = BlindPlateau(cfg, processor, train, blind_fp32, feats.shape[1:], device, log,
+                                           prior=prior)
                 else:
                     log(f"blind baseline: more than {BlindPlateau.MAX_QUESTIONS} distinct training questions, no "
                         "plateau check; it trains its whole budget (blind_steps)")
@@ -858,9 +943,69 @@ def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | N
                     "weights": str(out / "model")},
     }
     if spec.task == "qa":
+        metrics["question_prior"] = prior_scores(spec, processor, train, test, group_by, prior)
         train_counts = Counter(s.answers[0] for s in train)
         majority = train_counts.most_common(1)[0][0]
         metrics["majority_answer"] = majority
         metrics["majority_accuracy"] = sum(exact_match(majority, s.answers) for s in test) / max(len(test), 1)
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def evaluate_checkpoint(cfg: CachedRunConfig, checkpoint: str | Path, out_dir: str | Path | None = None,
+                        parts: RunParts | None = None, log: Log | None = None) -> dict[str, Any]:
+    """Evaluate a run's ``model/`` folder on the recipe's test sample, as the run's own evaluation did.
+
+    The checkpoint's processor (preprocessing, tokenizer, prompt) and weights are used, the recipe
+    only says which data, which test sample (``num_test``; None: the whole split) and how to decode;
+    features come from the same cache. So ``epalm eval configs/quickstart/easy_vqa.yaml
+    cached.num_test=null --checkpoint runs/quickstart/model`` scores the quickstart's model on all
+    9,673 questions without training again. Writes ``metrics.json`` and ``predictions.json`` to
+    ``out_dir`` (default ``CHECKPOINT/../eval``) and returns the metrics.
+    """
+    from epalm.core.model import CONFIG_NAME
+    from epalm.data.processor import PROCESSOR_NAME
+    from epalm.errors import UserError
+
+    log = log or ((lambda msg: print(msg, file=sys.stderr, flush=True)) if cfg.progress else (lambda msg: None))
+    t_start = time.perf_counter()
+    checkpoint = Path(checkpoint)
+    for name in (CONFIG_NAME, PROCESSOR_NAME):
+        if not (checkpoint / name).is_file():
+            raise FileNotFoundError(f"{checkpoint / name}: no such file; --checkpoint must be a run's model/ folder "
+                                    "(save_pretrained with its processor)")
+    saved = EPALMConfig.load(checkpoint / CONFIG_NAME)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    spec = get_dataset(cfg.dataset)
+    group_by = cfg.group_by or spec.group_by
+    train, test_all, test = load_splits(cfg, spec)
+    parts = parts or load_parts(cfg)
+    if parts.lm_name is not None and saved.lm != parts.lm_name:  # (None: the run saved its LM in the checkpoint)
+        raise UserError(f"{checkpoint}: trained on LM {saved.lm!r}, but the recipe names {parts.lm_name!r} (cached.lm)")
+    parts.lm.to(device)
+    parts.encoder.to(device)
+    processor = EPALMProcessor.from_pretrained(checkpoint)
+    model = EPALM.from_pretrained(checkpoint, device=device, lm=parts.lm, encoder=parts.encoder).eval()
+    try:
+        feats, row, feature_info = media_features(cfg, parts, processor, media_of(test), device, log, model.config)
+        states = TextStates(model, pad_token_id_of(processor.tokenizer), device, bf16=False)
+        rows = evaluate_rows(cfg, model, processor, spec, test, feats, row, states, blind=False)
+    finally:
+        model.engine.remove()
+    scores = score_rows(spec, rows, test, group_by, cfg.caption_metrics)
+    out = Path(out_dir) if out_dir is not None else checkpoint.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {"dataset": cfg.dataset, "task": spec.task, "metric": spec.metric, "checkpoint": str(checkpoint), **scores,
+               "test_samples": len(test),
+               "test_sample": ("all" if len(test) == len(test_all) else f"seeded random sample (seed {cfg.seed})"),
+               "minutes": round((time.perf_counter() - t_start) / 60, 2), "peak_rss_mb": peak_rss_mb(),
+               "device": str(device), "features": feature_info,
+               "decoding": {"num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens},
+               "outputs": {"metrics": str(out / "metrics.json"), "predictions": str(out / "predictions.json")}}
+    if spec.task == "qa":
+        metrics["question_prior"] = prior_scores(spec, processor, train, test, group_by)
+    atomic_write_json(out / "predictions.json", rows)
     atomic_write_json(out / "metrics.json", metrics)
     return metrics

