@@ -492,6 +492,12 @@ def test_quickstart_yaml_is_the_quickstart_recipe():
     changed = {f for f in vars(quick) if getattr(quick, f) != getattr(long, f)}
     assert changed == budget, changed
     assert (long.batch_size, long.steps, long.blind_steps) == (64, 2000, 200)
+    # DePALM's connectors on easy-VQA (docs/ablations.md round 5): the quickstart with only the connector changed
+    for name in ("avgpool", "linres", "qp"):
+        depalm = load_cached_config(root / f"easy_vqa_{name}-inner.yaml")
+        changed = {f for f in vars(quick) if getattr(quick, f) != getattr(depalm, f)}
+        assert changed <= {"output_dir", "variant", "num_encoder_layers", "num_visual_tokens", "lr"}, changed
+        assert depalm.variant == f"{name}-inner" and depalm.num_visual_tokens == 4
     with pytest.raises(ValueError, match="unknown key"):
         load_cached_config(root / "easy_vqa.yaml", ["cached.stepz=3"])
 
@@ -604,8 +610,8 @@ def test_the_cached_recipe_trains_depalm_token_connectors(tmp_path, variant):
 
     parts = tiny_parts(write_easy_vqa(tmp_path / "data"))
     where = {"inject_start": None, "inject_end": None} if variant.endswith("l0") else {}
-    recipe = dataclasses.replace(tiny_config(tmp_path, variant=variant, skip_blind=True, eval_every=0, num_encoder_layers=1,
-                                             **where).recipe(), num_visual_tokens=2)
+    quick = tiny_config(tmp_path, variant=variant, skip_blind=True, eval_every=0, num_encoder_layers=1, **where)
+    recipe = dataclasses.replace(quick.recipe(), num_visual_tokens=2)
     metrics = run_cached(recipe, parts)
     saved = EPALMConfig.load(tmp_path / "run" / "model" / "epalm_config.json")
     assert saved.variant == variant and saved.num_visual_tokens == 2 and saved.needs_all_tokens

@@ -997,7 +997,8 @@ def evaluate_checkpoint(cfg: CachedRunConfig, checkpoint: str | Path, out_dir: s
     scores = score_rows(spec, rows, test, group_by, cfg.caption_metrics)
     out = Path(out_dir) if out_dir is not None else checkpoint.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    metrics = {"dataset": cfg.dataset, "task": spec.task, "metric": spec.metric, "checkpoint": str(checkpoint), **scores,
+    metrics = {"dataset": cfg.dataset, "task": spec.task, "metric": spec.metric, "checkpoint": str(checkpoint),
+               **scores,
                "test_samples": len(test),
                "test_sample": ("all" if len(test) == len(test_all) else f"seeded random sample (seed {cfg.seed})"),
                "minutes": round((time.perf_counter() - t_start) / 60, 2), "peak_rss_mb": peak_rss_mb(),

@@ -68,7 +68,7 @@ class QuickstartConfig:
     progress: bool = True
     html_examples: int = 100
     skip_blind: bool = False
-    eval_every: int | None = None  # evaluate curve_questions every N steps (curves.png); None: ceil(steps / 8); 0: never
+    eval_every: int | None = None  # curve_questions every N steps (curves.png); None: ceil(steps / 8); 0: never
     curve_questions: int = 256  # seeded subset of the test sample evaluated during training (curves only)
     blind_cache: bool = True  # reuse the blind baseline from $EPALM_CACHE/blind (False: --fresh-blind)
     # the blind run stops once it provably sits at the question-only prior (CachedRunConfig's defaults)
