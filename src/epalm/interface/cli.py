@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_positive_int, default=None, help="as for predict")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("quickstart", help="train and evaluate real eP-ALM on easy-VQA (CPU: ~10 min)",
+    p = sub.add_parser("quickstart", help="train and evaluate real eP-ALM on easy-VQA (2 CPU cores: under 15 min)",
                        description="SmolLM2-135M + DINOv2-S eP-ALM on easy-VQA: cache features, train, "
                                    "evaluate against the blind baseline; writes RUN/metrics.json, curves.png, "
                                    "examples.html and the trained weights.")
