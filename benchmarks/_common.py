@@ -238,8 +238,8 @@ def quickstart_features(config: Path, parts=None):
     samples = train + test
     parts = parts if parts is not None else cached.load_parts(cfg)
     processor = cached.build_processor(cfg, spec, parts.tokenizer)
-    media = {s.media_id: s.media_path for s in samples}
-    x_all, row, info = cached.media_features(cfg, parts, processor, media, torch.device("cpu"), print)
+    x_all, row, info = cached.media_features(cfg, parts, processor, cached.media_of(samples), torch.device("cpu"),
+                                             print)
     feats = x_all[[row[s.media_id] for s in samples]]
     return (cfg, samples, list(range(len(train))), list(range(len(train), len(samples))), feats,
             info["reused"])

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import os
-import random
 import time
 from pathlib import Path
 
@@ -82,13 +81,9 @@ def main() -> None:
     t = time.perf_counter()
     parts = qs.load_parts(base)
     spec_ds = get_dataset("easy_vqa")
-    train = spec_ds.load(rbase.root, "train")
-    test_all = spec_ds.load(rbase.root, "test")
+    train, test_all, _ = cached.load_splits(rbase, spec_ds)
     processor = cached.build_processor(rbase, spec_ds, parts.tokenizer)
-    media = {}
-    for s in train + test_all:
-        media.setdefault(s.media_id, s.media_path)
-    feats, row, _ = cached.media_features(rbase, parts, processor, media, device, print)
+    feats, row, _ = cached.media_features(rbase, parts, processor, cached.media_of(train, test_all), device, print)
     print(f"loaded in {time.perf_counter() - t:.0f}s", flush=True)
 
     tok = parts.tokenizer
@@ -113,8 +108,7 @@ def main() -> None:
         adapter_lr = spec.pop("adapter_lr", None)
         blind = bool(spec.pop("blind", 0))
         cfg = qs.QuickstartConfig(progress=False, output_dir=f"runs/ablate/{name}", **spec).recipe()
-        keep = sorted(random.Random(cfg.seed).sample(range(len(test_all)), num_test))
-        test = [test_all[i] for i in keep]
+        test = cached.seeded_sample(test_all, num_test, cfg.seed)
         extra = {}
         if cfg.variant != "lin" and prompt_len is None and EPALMConfig(variant=cfg.variant).prompt_len:
             pass  # the variant's own prompt

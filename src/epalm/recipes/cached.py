@@ -53,7 +53,7 @@ __all__ = ["CachedRunConfig", "RunParts", "TextStates", "greedy_decode", "load_p
            "build_processor", "media_features", "build_model", "train_connectors", "evaluate_rows", "score_rows",
            "flat_scores", "eval_every", "blind_cache_key", "load_blind_cache", "save_blind_cache",
            "resolve_device", "use_bf16", "cached_config_from_dict", "is_cached_config", "load_cached_config",
-           "QuestionPrior", "prior_scores", "load_splits", "evaluate_checkpoint"]
+           "QuestionPrior", "prior_scores", "load_splits", "seeded_sample", "media_of", "evaluate_checkpoint"]
 
 Log = Callable[[str], None]
 
@@ -743,16 +743,21 @@ class BlindPlateau:
                 "reached": self.reached}
 
 
+def seeded_sample(samples: Sequence, n: int | None, seed: int) -> list:
+    """``n`` of ``samples`` drawn with ``random.Random(seed)``, in their original order (all when ``n``
+    is None or not smaller): the test sample every evaluation of a recipe uses."""
+    samples = list(samples)
+    if n is None or n >= len(samples):
+        return samples
+    return [samples[i] for i in sorted(random.Random(seed).sample(range(len(samples)), n))]
+
+
 def load_splits(cfg: CachedRunConfig, spec: DatasetSpec) -> tuple[Sequence, list, list]:
     """``(train, all of the test split, the test sample)``: ``num_test`` seeded samples (or all)."""
     options = dict(cfg.dataset_options)
     train = spec.load(cfg.root, cfg.train_split, **options)
     test_all = list(spec.load(cfg.root, cfg.test_split, **options))
-    test = test_all
-    if cfg.num_test is not None and cfg.num_test < len(test_all):
-        keep = sorted(random.Random(cfg.seed).sample(range(len(test_all)), cfg.num_test))
-        test = [test_all[i] for i in keep]
-    return train, test_all, test
+    return train, test_all, seeded_sample(test_all, cfg.num_test, cfg.seed)
 
 
 def media_of(*splits: Sequence) -> dict[str, Path]:
@@ -828,9 +833,7 @@ def run_cached(cfg: CachedRunConfig, parts: RunParts | None = None, log: Log | N
     timings["text_states"] = time.perf_counter() - t
 
     # 3. train, evaluating a seeded subset of the test sample now and then (eval.csv, curves.png only)
-    curve = test
-    if cfg.curve_samples < len(test):
-        curve = [test[i] for i in sorted(random.Random(cfg.seed + 1).sample(range(len(test)), cfg.curve_samples))]
+    curve = seeded_sample(test, cfg.curve_samples, cfg.seed + 1)
     quiet = dataclasses.replace(cfg, progress=False)
 
     def curve_eval(blind_run: bool, run_states: TextStates) -> Callable[[EPALM, int], dict]:
