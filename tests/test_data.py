@@ -846,6 +846,55 @@ def test_video_loader_shape(root, name, n):
         assert x.shape == (n, 3, 40, 40) and torch.isfinite(x).all()
 
 
+class _VideoFrames(torch.utils.data.Dataset):
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return torch.stack([torch.from_numpy(np.asarray(f).copy()) for f in read_video_frames(self.paths[i], 3)])
+
+
+@needs_av
+def test_video_decodes_in_a_forked_worker_after_the_parent_decoded(tmp_path):
+    """PyAV >= 18 keeps a threaded swscale context per thread: a DataLoader worker forked after the
+    parent converted a frame inherited it without its threads and waited forever (bench_data --tiny
+    hung in CI). The parent decodes first here, as an evaluation pass or a preview does."""
+    paths = [write_video(tmp_path / f"v{i}.mp4", n_frames=6, size=160) for i in range(2)]
+    in_parent = [_VideoFrames(paths)[i] for i in range(2)]
+    loader = torch.utils.data.DataLoader(_VideoFrames(paths), batch_size=1, num_workers=1, timeout=60,
+                                         multiprocessing_context="fork")
+    in_worker = [batch[0] for batch in loader]  # a hang raises after `timeout` s instead of blocking
+    assert len(in_worker) == 2
+    for a, b in zip(in_parent, in_worker, strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_av
+def test_frame_conversion_matches_pyav(tmp_path):
+    """Our per-process converter gives the same RGB pixels as PyAV's ``frame.to_image()``."""
+    from epalm.data.video import _frame_to_image
+
+    path = tmp_path / "colour.mp4"
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for _ in range(3):
+            arr = np.kron(rng.integers(0, 256, (8, 12, 3), dtype=np.uint8), np.ones((8, 8, 1), np.uint8))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            ours, theirs = _frame_to_image(frame), frame.to_image()
+            assert ours.mode == "RGB" and ours.size == theirs.size == (96, 64)
+            assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+
+
 @needs_av
 @pytest.mark.parametrize("name", ["bad.mp4", "bad.jpg", "absent.mp4"])
 def test_corrupt_video_raises_media_error(root, name):

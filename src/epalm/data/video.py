@@ -4,14 +4,22 @@ The video is cut into ``num_frames`` equal segments and one frame is taken per s
 one when training (the release's ``sample='rand'``), the middle one otherwise (``'middle'``). Only
 the chosen frames are converted to RGB, so long clips cost a decode pass but little memory.
 PyAV is an optional dependency (``pip install av``).
+
+Frames are converted with a colour converter owned by this process and thread
+(:func:`_frame_to_image`), not PyAV's ``frame.to_image()``: PyAV >= 18 keeps one threaded swscale
+context per thread, and a DataLoader worker forked after the parent converted a frame inherits that
+context without its threads, then waits for them forever.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -50,6 +58,30 @@ def _import_av():
     except ImportError as e:  # pragma: no cover - exercised only without PyAV
         raise ImportError("reading videos needs PyAV: pip install 'av>=12' (or epalm[video])") from e
     return av
+
+
+_converters: dict[tuple[int, int], object] = {}  # (process id, thread id) -> VideoReformatter
+
+
+def _frame_to_image(frame) -> Image.Image:
+    """``frame`` as an RGB PIL image, through a swscale context created in this process and thread.
+
+    A context made before a ``fork`` is never used in the child (its slice threads are gone there),
+    nor freed: freeing it joins those threads, which also waits forever. It stays in the dict.
+    """
+    key = (os.getpid(), threading.get_ident())
+    reformatter = _converters.get(key)
+    if reformatter is None:
+        from av.video.reformatter import VideoReformatter
+
+        reformatter = _converters[key] = VideoReformatter()
+    rgb = reformatter.reformat(frame, format="rgb24")
+    plane = rgb.planes[0]
+    width, height, stride = rgb.width, rgb.height, plane.line_size
+    rows = np.frombuffer(plane, dtype=np.uint8, count=height * abs(stride)).reshape(height, abs(stride))
+    if stride < 0:  # bottom-up rows: the buffer starts at the last display row
+        rows = rows[::-1]
+    return Image.fromarray(np.ascontiguousarray(rows[:, : width * 3]).reshape(height, width, 3), "RGB")
 
 
 def _count_frames(container, stream) -> int:
@@ -92,13 +124,13 @@ def read_video_frames(
             last = None
             for idx, frame in enumerate(container.decode(stream)):
                 if idx in needed:
-                    picked[idx] = frame.to_image()  # RGB PIL image
+                    picked[idx] = _frame_to_image(frame)
                 last = frame
                 if idx >= last_needed:
                     break
             if last is None:
                 raise MediaError(path, "no video frames decoded")
-            fallback = picked[max(picked)] if picked else last.to_image()
+            fallback = picked[max(picked)] if picked else _frame_to_image(last)
             return [picked.get(i, fallback) for i in wanted]
     except MediaError:
         raise
