@@ -90,15 +90,18 @@ def write_image(path: Path, color=(200, 30, 60), fmt="JPEG", size=32) -> Path:
     return path
 
 
-def write_video(path: Path, n_frames: int = 10, size: int = 32, codec: str = "mpeg4") -> Path:
-    """Frame i is a flat gray of level 20*i+10, so decoded frames tell which index they are."""
+def write_video(path: Path, n_frames: int = 10, size: int = 32, codec: str = "mpeg4", frames=None) -> Path:
+    """Frame i is a flat gray of level 20*i+10, so decoded frames tell which index they are
+    (``frames``: these (H, W, 3) uint8 RGB arrays instead)."""
+    if frames is None:
+        frames = [np.full((size, size, 3), 20 * i + 10, np.uint8) for i in range(n_frames)]
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=10)
-        stream.width = stream.height = size
+        stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
-        for i in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), 20 * i + 10, np.uint8), format="rgb24")
+        for arr in frames:
+            frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
@@ -877,17 +880,9 @@ def test_frame_conversion_matches_pyav(tmp_path):
     """Our per-process converter gives the same RGB pixels as PyAV's ``frame.to_image()``."""
     from epalm.data.video import _frame_to_image
 
-    path = tmp_path / "colour.mp4"
     rng = np.random.default_rng(0)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
-        for _ in range(3):
-            arr = np.kron(rng.integers(0, 256, (8, 12, 3), dtype=np.uint8), np.ones((8, 8, 1), np.uint8))
-            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    blocks = [np.kron(rng.integers(0, 256, (8, 12, 3), dtype=np.uint8), np.ones((8, 8, 1), np.uint8)) for _ in range(3)]
+    path = write_video(tmp_path / "colour.mp4", frames=blocks)  # 96x64, 8x8 blocks of random colour
     with av.open(str(path)) as container:
         for frame in container.decode(video=0):
             ours, theirs = _frame_to_image(frame), frame.to_image()
